@@ -1,0 +1,231 @@
+"""``register``: the one entry point the command line and the Slicer module call.
+
+Two images in, two transforms out::
+
+    fixed, moving (any 3D grids) --affine pre-alignment (optional)--> model grid (physical space)
+      --network (+ optional refinement)--> φST, φTS on the model grid (voxels)
+      --> forward field on the fixed grid, backward field on the moving grid (LPS mm, ITK files)
+
+The forward field composes the deformable part with the affine, so that one file maps fixed-space
+points all the way into the original moving image: ``forward(p) = A(p + d_ST(p)) - p``; the
+backward one is ``backward(q) = A⁻¹(q) + d_TS(A⁻¹(q)) - q`` on the moving grid.
+"""
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .device import resolve_device
+from .errors import InverseRegError
+from .fields import (apply_affine, field_to_image, folding_percent, inverse_consistency_error,
+                     jacobian_determinant, sample_grid, voxel_field_to_physical, warp_image)
+from .grid import Geometry, centered_grid, intensity_center, resample_to
+from .imageio import validate_image
+from .intensity import normalize
+from .metrics import bir, dice_per_label, restrict_labels
+from .modelfile import LoadedModel, load_model
+
+Progress = Callable[[float, str], None]
+
+
+class Cancelled(InverseRegError):
+    """Raised when the caller's ``cancel()`` returned True; nothing has been written."""
+
+
+@dataclass
+class RegistrationResult:
+    forward: sitk.Image  # VectorFloat64 on the fixed grid: fixed point -> moving point (LPS mm)
+    backward: sitk.Image  # VectorFloat64 on the moving grid: moving point -> fixed point
+    moving_warped: sitk.Image  # moving resampled onto the fixed grid
+    fixed_warped: sitk.Image  # fixed resampled onto the moving grid
+    affine: sitk.Transform | None  # fixed -> moving affine part (None when switched off)
+    report: dict = field(default_factory=dict)
+
+
+def _peak_memory_mb(device: torch.device) -> dict:
+    out = {"peak_memory_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    if device.type == "cuda":
+        out["peak_memory_mb_gpu"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def model_geometry(model: LoadedModel, fixed: sitk.Image) -> Geometry:
+    """The model grid centred on the fixed image's intensity centre (as in training)."""
+    spec = model.grid
+    return centered_grid(spec.size, spec.spacing, spec.direction, intensity_center(fixed))
+
+
+def foreground_mask(image: sitk.Image, threshold: float = 0.1) -> np.ndarray:
+    """Voxels brighter than ``threshold`` of the normalised range: the region metrics cover."""
+    return normalize(sitk.GetArrayViewFromImage(image)) > threshold
+
+
+def run_network(model: LoadedModel, source: np.ndarray, target: np.ndarray, device: torch.device,
+                refine: int = 0, progress: Progress | None = None, cancel=None):
+    """φST and φTS displacement fields (1, 3, D, H, W) in voxels of the model grid."""
+    network = model.network.to(device)
+    src = torch.from_numpy(source)[None, None].to(device)
+    tgt = torch.from_numpy(target)[None, None].to(device)
+    try:
+        with torch.no_grad():
+            u_st, u_ts, _ = network(src, tgt)
+        if refine > 0:
+            from .refine import refine_fields
+            u_st, u_ts = refine_fields(network, src, tgt, steps=refine, progress=progress, cancel=cancel)
+    except torch.cuda.OutOfMemoryError:
+        raise InverseRegError("out of GPU memory while running the network; rerun with device 'cpu'") from None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return u_st.detach(), u_ts.detach()
+
+
+def register(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    model: LoadedModel | str | None = None,
+    device: str | torch.device = "auto",
+    affine: str | None = "affine",
+    refine: int = 0,
+    fixed_seg: sitk.Image | None = None,
+    moving_seg: sitk.Image | None = None,
+    labels=None,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving`` with one network pass.
+
+    ``affine`` is ``"affine"``, ``"rigid"`` or ``None`` (images already aligned). ``refine`` adds
+    that many steps of instance optimisation. Label maps, if given, add Dice per label (both
+    directions) and BIR to the report, over ``labels`` (default: labels present in the target).
+    """
+    t_start = time.perf_counter()
+    report_progress = progress or (lambda fraction, message: None)
+
+    def check_cancel():
+        if cancel is not None and cancel():
+            raise Cancelled("registration cancelled")
+
+    fixed = sitk.Cast(validate_image(fixed, "fixed image"), sitk.sitkFloat32)
+    moving = sitk.Cast(validate_image(moving, "moving image"), sitk.sitkFloat32)
+    if refine < 0:
+        raise InverseRegError(f"refine must be >= 0, got {refine}")
+    if affine not in (None, "affine", "rigid"):
+        raise InverseRegError(f"affine must be 'affine', 'rigid' or None, got {affine!r}")
+    device = resolve_device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if not isinstance(model, LoadedModel):
+        model = load_model(model, device="cpu")
+    report_progress(0.05, "inputs read")
+
+    transform = None
+    t_affine = 0.0
+    if affine is not None:
+        from .affine import affine_align
+        check_cancel()
+        t0 = time.perf_counter()
+        transform = affine_align(fixed, moving, mode=affine, device=device,
+                                 progress=lambda f, m: report_progress(0.05 + 0.2 * f, m))
+        t_affine = time.perf_counter() - t0
+    report_progress(0.25, "resampling into the model grid")
+
+    check_cancel()
+    geometry = model_geometry(model, fixed)
+    target = normalize(sitk.GetArrayFromImage(resample_to(fixed, geometry)), model.normalization)
+    source = normalize(sitk.GetArrayFromImage(resample_to(moving, geometry, transform)), model.normalization)
+    report_progress(0.3, f"running the network on {device.type.upper()}")
+    t0 = time.perf_counter()
+    u_st, u_ts = run_network(model, source, target, device, refine,
+                             lambda f, m: report_progress(0.3 + 0.3 * f, m), cancel)
+    t_network = time.perf_counter() - t0
+    check_cancel()
+    report_progress(0.6, "bringing the fields back to the original grids")
+
+    d_st = voxel_field_to_physical(u_st, geometry)
+    d_ts = voxel_field_to_physical(u_ts, geometry)
+    fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
+    p = fixed_geometry.physical_points()
+    forward = apply_affine(transform, p + sample_grid(d_st, geometry, p)) - p
+    del p
+    q = moving_geometry.physical_points()
+    inverse_affine = transform.GetInverse() if transform is not None else None
+    r = apply_affine(inverse_affine, q)
+    backward = r + sample_grid(d_ts, geometry, r) - q
+    del q, r
+    forward_image = field_to_image(forward, fixed_geometry)
+    backward_image = field_to_image(backward, moving_geometry)
+    t_fields = time.perf_counter() - t_start
+    check_cancel()
+    report_progress(0.75, "warping the images")
+    moving_warped = warp_image(moving, forward, fixed_geometry)
+    fixed_warped = warp_image(fixed, backward, moving_geometry)
+
+    report_progress(0.85, "measuring folding and inverse consistency")
+    fixed_mask = foreground_mask(fixed)
+    moving_mask = foreground_mask(moving)
+    det_forward = jacobian_determinant(forward, fixed_geometry)
+    det_backward = jacobian_determinant(backward, moving_geometry)
+    ice_mean, ice_p95 = inverse_consistency_error(forward_image, backward_image, fixed_mask)
+    report = {
+        "device": device.type,
+        "model_id": model.model_id,
+        "model_path": model.path,
+        "preset": model.preset.name,
+        "affine": affine,
+        "refine_steps": int(refine),
+        "seconds_affine": round(t_affine, 3),
+        "seconds_network": round(t_network, 3),
+        "seconds_to_fields": round(t_fields, 3),
+        "folding_percent_forward": folding_percent(det_forward),
+        "folding_percent_backward": folding_percent(det_backward),
+        "folding_percent_forward_foreground": folding_percent(det_forward, fixed_mask),
+        "folding_percent_backward_foreground": folding_percent(det_backward, moving_mask),
+        "ice_mean_mm": ice_mean,
+        "ice_p95_mm": ice_p95,
+    }
+    del det_forward, det_backward
+    if transform is not None:
+        matrix = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
+        report["affine_translation_of_origin_mm"] = [float(v) for v in matrix]
+    if fixed_seg is not None and moving_seg is not None:
+        report.update(label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, moving_geometry, labels))
+    report.update(_peak_memory_mb(device))
+    report["seconds_total"] = round(time.perf_counter() - t_start, 3)
+    report_progress(1.0, "done")
+    return RegistrationResult(forward_image, backward_image, moving_warped, fixed_warped, transform, report)
+
+
+def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, moving_geometry, labels=None) -> dict:
+    """Dice per label both ways and the paper's BIR for the forward direction."""
+    fixed_labels = sitk.GetArrayFromImage(fixed_seg).astype(np.int32)
+    moving_labels = sitk.GetArrayFromImage(moving_seg).astype(np.int32)
+    if fixed_labels.shape != fixed_geometry.array_shape or moving_labels.shape != moving_geometry.array_shape:
+        raise InverseRegError("each label map must have the size of its image (fixed-seg with fixed, moving-seg with moving)")
+    warped_moving = sitk.GetArrayFromImage(warp_image(sitk.Cast(moving_seg, sitk.sitkInt32), forward, fixed_geometry, nearest=True))
+    warped_fixed = sitk.GetArrayFromImage(warp_image(sitk.Cast(fixed_seg, sitk.sitkInt32), backward, moving_geometry, nearest=True))
+    if labels is None:
+        labels = sorted(set(np.unique(fixed_labels)) & set(np.unique(moving_labels)) - {0})
+    labels = [int(v) for v in labels]
+    forward_dice = dice_per_label(warped_moving, fixed_labels, labels)
+    backward_dice = dice_per_label(warped_fixed, moving_labels, labels)
+    # overlap before registration, in physical space (the grids may differ)
+    unregistered = sitk.GetArrayFromImage(warp_image(sitk.Cast(moving_seg, sitk.sitkInt32),
+                                                     np.zeros_like(forward), fixed_geometry, nearest=True))
+    before = dice_per_label(unregistered, fixed_labels, labels)
+    out = {
+        "labels": labels,
+        "dice_per_label": {str(k): v for k, v in forward_dice.items()},
+        "dice_mean": float(np.mean(list(forward_dice.values()))) if forward_dice else None,
+        "dice_per_label_backward": {str(k): v for k, v in backward_dice.items()},
+        "dice_mean_backward": float(np.mean(list(backward_dice.values()))) if backward_dice else None,
+        "bir": bir(warped_moving, fixed_labels, labels),
+        "bir_backward": bir(warped_fixed, moving_labels, labels),
+    }
+    out["dice_mean_before"] = float(np.mean(list(before.values()))) if before else None
+    return out

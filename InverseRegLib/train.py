@@ -1,0 +1,241 @@
+"""Training: pairwise N x (N-1) sampling, Adam, resumable checkpoints, CSV logs, export.
+
+Every step draws its pair and its augmentation from ``numpy.random.default_rng([seed, step,
+rank])``, so a resumed run repeats exactly the samples an uninterrupted one would have seen: with
+the model and optimiser state restored, ``--resume`` continues bit for bit on the same device.
+
+Distributed training: start with ``torchrun --nproc_per_node N -m InverseRegLib.cli train ...``;
+each process trains on its own pairs, gradients are averaged by DistributedDataParallel (NCCL on
+GPUs, gloo on CPUs), and rank 0 alone writes logs, checkpoints and the model file.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .device import resolve_device
+from .data import (Subject, augment_intensity, discover_subjects, load_on_grid, split_subjects,
+                   synthesize_from_labels, training_grid)
+from .errors import InverseRegError
+from .grid import Geometry
+from .intensity import DEFAULT_NORMALIZATION
+from .losses import registration_loss
+from .metrics import dice_per_label
+from .model import InverseNet
+from .modelfile import ModelGridSpec, atomic_torch_save, export_model
+from .presets import get_preset
+from .warp import warp
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str
+    run_dir: str
+    preset: str = "default"
+    steps: int = 1000
+    lr: float = 1e-4
+    seed: int = 0
+    spacing: float = 2.0
+    val_subjects: list[str] | None = None
+    val_every: int = 100
+    checkpoint_every: int = 25
+    augment: float = 0.5  # probability of intensity augmentation per image
+    synth: float = 0.1  # probability of a label-synthesised pair (needs labels)
+    weights: dict = field(default_factory=dict)  # overrides of the preset's loss weights
+    ncc_window: int | None = None
+    device: str = "auto"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _distributed() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def _load_subjects(subjects: list[Subject], geometry: Geometry, normalization: dict):
+    images, labels = [], []
+    for s in subjects:
+        image, label = load_on_grid(s, geometry, normalization)
+        images.append(torch.from_numpy(image))
+        labels.append(label)
+    return images, labels
+
+
+def validation_dice(network: InverseNet, images, labels, device, label_set=None) -> float | None:
+    """Mean Dice over ordered validation pairs on the model grid (labels warped by nearest)."""
+    pairs = [(i, j) for i in range(len(images)) for j in range(len(images)) if i != j
+             and labels[i] is not None and labels[j] is not None]
+    if not pairs:
+        return None
+    scores = []
+    network.eval()
+    with torch.no_grad():
+        for i, j in pairs:  # i: source (moving), j: target (fixed)
+            u_st, _, _ = network(images[i][None, None].to(device), images[j][None, None].to(device))
+            moved = warp(torch.from_numpy(labels[i]).float()[None, None].to(device), u_st, mode="nearest")
+            per_label = dice_per_label(moved[0, 0].round().long().cpu().numpy(), labels[j], label_set)
+            scores.append(np.mean(list(per_label.values())))
+    network.train()
+    return float(np.mean(scores))
+
+
+def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bool = False) -> Path:
+    """Train (or, with ``resume``, continue) and export ``run_dir/model.pt``; returns that path."""
+    rank, world = _distributed()
+    device = resolve_device(config.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    run_dir = Path(config.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InverseRegError(f"run folder path exists and is not a folder: {run_dir}")
+    checkpoint_path = run_dir / "checkpoint.pt"
+    resume_state = None
+    if checkpoint_path.exists() and not resume:
+        raise InverseRegError(f"{run_dir} already holds a training run; pass --resume to continue it "
+                              "or choose a new run folder")
+    if resume and not checkpoint_path.exists():
+        raise InverseRegError(f"--resume: no checkpoint in {run_dir}")
+    if checkpoint_path.exists():
+        try:
+            resume_state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InverseRegError(f"cannot read checkpoint {checkpoint_path} ({type(exc).__name__}); "
+                                  "it may be from another program or damaged") from None
+        saved = resume_state["config"]
+        # the resumed run must be the same run; only the step budget may grow
+        for key in ("preset", "lr", "seed", "spacing", "augment", "synth", "weights", "ncc_window"):
+            if saved.get(key) != config.to_dict().get(key):
+                raise InverseRegError(f"--resume: '{key}' differs from the checkpointed run "
+                                      f"({saved.get(key)!r} vs {config.to_dict().get(key)!r})")
+    preset = get_preset(config.preset).with_weights(**config.weights)
+    if config.ncc_window:
+        import dataclasses
+        preset = dataclasses.replace(preset, ncc_window=int(config.ncc_window))
+
+    subjects = discover_subjects(config.data_dir)
+    train_subjects, val_subjects = split_subjects(subjects, config.val_subjects)
+    normalization = dict(DEFAULT_NORMALIZATION)
+    geometry = training_grid(train_subjects, config.spacing)
+    train_images, train_labels = _load_subjects(train_subjects, geometry, normalization)
+    val_images, val_labels = _load_subjects(val_subjects, geometry, normalization)
+
+    torch.manual_seed(config.seed)
+    network = InverseNet(preset).to(device)
+    if device.type == "cuda":
+        network = network.to(memory_format=torch.channels_last_3d)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
+    start_step = 0
+    if resume_state is not None:
+        network.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        start_step = int(resume_state["step"])
+    trainable = network
+    if world > 1:
+        trainable = torch.nn.parallel.DistributedDataParallel(
+            network, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = device.type == "cuda"
+
+    grid_spec = ModelGridSpec(geometry.size, geometry.spacing, geometry.direction)
+    training_info = {
+        "data": str(config.data_dir), "train_subjects": [s.name for s in train_subjects],
+        "val_subjects": [s.name for s in val_subjects], "lr": config.lr, "seed": config.seed,
+        "device": device.type, "world_size": world, "augment": config.augment, "synth": config.synth,
+    }
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    log_path, val_path = run_dir / "log.csv", run_dir / "val.csv"
+    pairs = [(i, j) for i in range(len(train_images)) for j in range(len(train_images)) if i != j]
+    synth_ok = all(label is not None for label in train_labels)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+    elapsed = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
+    best = float(resume_state.get("best_val", -1.0)) if resume_state else -1.0
+    t_last = time.perf_counter()
+    network.train()
+
+    def save_checkpoint(step: int) -> None:
+        atomic_torch_save({"step": step, "model": network.state_dict(), "optimizer": optimizer.state_dict(),
+                           "config": config.to_dict(), "elapsed": elapsed, "best_val": best}, checkpoint_path)
+
+    for step in range(start_step, config.steps):
+        rng = np.random.default_rng([config.seed, step, rank])
+        i, j = pairs[int(rng.integers(len(pairs)))]
+        if synth_ok and rng.random() < config.synth:
+            source, target = synthesize_from_labels([train_labels[i], train_labels[j]], rng, normalization)
+        else:
+            source, target = train_images[i], train_images[j]
+            if rng.random() < config.augment:
+                source = augment_intensity(source, rng, normalization)
+            if rng.random() < config.augment:
+                target = augment_intensity(target, rng, normalization)
+        source = source[None, None].to(device)
+        target = target[None, None].to(device)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            u_st, u_ts, aux = trainable(source, target)
+        loss, parts = registration_loss(source, target, u_st.float(), u_ts.float(),
+                                        {k: v.float() for k, v in aux.items()}, preset)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        done = step + 1
+        if rank == 0:
+            new = not log_path.exists()
+            with log_path.open("a", newline="") as handle:
+                writer = csv.writer(handle)
+                keys = ["loss", "ncc_st", "ncc_ts", "cycle", "smooth"]
+                if new:
+                    writer.writerow(["step", *keys, "seconds"])
+                writer.writerow([done, *[f"{parts.get(k, 0.0):.6f}" for k in keys], f"{elapsed:.1f}"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items() if k != "loss"})
+            if val_images and (done % config.val_every == 0 or done == config.steps):
+                score = validation_dice(network, val_images, val_labels, device, label_set)
+                if score is not None:
+                    # snapshots let a peer trained for the same number of steps be compared fairly
+                    export_model(run_dir / "snapshots" / f"model_step{done:06d}.pt", network, grid_spec,
+                                 normalization, {**training_info, "steps": done, "val_dice_model_grid": score})
+                    with val_path.open("a", newline="") as handle:
+                        writer = csv.writer(handle)
+                        if handle.tell() == 0:
+                            writer.writerow(["step", "dice"])
+                        writer.writerow([done, f"{score:.5f}"])
+                    if score > best:
+                        best = score
+                        export_model(run_dir / "best_model.pt", network, grid_spec, normalization,
+                                     {**training_info, "steps": done, "val_dice_model_grid": score,
+                                      "seconds": round(elapsed, 1)})
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                save_checkpoint(done)
+    if bar is not None:
+        bar.close()
+    final = run_dir / "model.pt"
+    if rank == 0:
+        export_model(final, network, grid_spec, normalization,
+                     {**training_info, "steps": config.steps, "seconds": round(elapsed, 1),
+                      "best_val_dice_model_grid": best if best >= 0 else None})
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
