@@ -23,8 +23,9 @@ import torch
 
 from .device import resolve_device
 from .errors import InverseRegError
-from .fields import (apply_affine, field_to_image, folding_percent, inverse_consistency_error,
-                     jacobian_determinant, sample_grid, voxel_field_to_physical, warp_image)
+from .fields import (affine_matrix, field_to_image, folding_percent, inverse_consistency_error,
+                     jacobian_determinant, physical_points, sample_grid, voxel_field_to_physical,
+                     warp_image)
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
@@ -53,6 +54,30 @@ def _peak_memory_mb(device: torch.device) -> dict:
     if device.type == "cuda":
         out["peak_memory_mb_gpu"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def _compose_with_affine(field_mm: torch.Tensor, model_grid: Geometry, output_grid: Geometry,
+                         transform: sitk.Transform | None, inverse: bool) -> np.ndarray:
+    """The whole map on ``output_grid`` as a (z, y, x, 3) float64 LPS displacement.
+
+    forward (on the fixed grid):  p -> A(p + d_ST(p))          , minus p
+    backward (on the moving grid): q -> A^-1(q) + d_TS(A^-1(q)), minus q
+    The network's fields live in the fixed image's frame (where the affinely resampled moving
+    image was registered), hence A after the forward field and A^-1 before the backward one.
+    """
+    points = physical_points(output_grid, field_mm.device)
+    if transform is None:
+        return sample_grid(field_mm, model_grid, points).double().cpu().numpy()
+    matrix, offset = affine_matrix(transform.GetInverse() if inverse else transform)
+    a = torch.as_tensor(matrix, dtype=torch.float32, device=field_mm.device)
+    b = torch.as_tensor(offset, dtype=torch.float32, device=field_mm.device)
+    if inverse:
+        mapped = points @ a.T + b
+        result = mapped + sample_grid(field_mm, model_grid, mapped) - points
+    else:
+        moved = points + sample_grid(field_mm, model_grid, points)
+        result = moved @ a.T + b - points
+    return result.double().cpu().numpy()
 
 
 def model_geometry(model: LoadedModel, fixed: sitk.Image) -> Geometry:
@@ -150,14 +175,8 @@ def register(
     d_st = voxel_field_to_physical(u_st, geometry)
     d_ts = voxel_field_to_physical(u_ts, geometry)
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
-    p = fixed_geometry.physical_points()
-    forward = apply_affine(transform, p + sample_grid(d_st, geometry, p)) - p
-    del p
-    q = moving_geometry.physical_points()
-    inverse_affine = transform.GetInverse() if transform is not None else None
-    r = apply_affine(inverse_affine, q)
-    backward = r + sample_grid(d_ts, geometry, r) - q
-    del q, r
+    forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
+    backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
     forward_image = field_to_image(forward, fixed_geometry)
     backward_image = field_to_image(backward, moving_geometry)
     t_fields = time.perf_counter() - t_start
@@ -190,9 +209,6 @@ def register(
         "ice_p95_mm": ice_p95,
     }
     del det_forward, det_backward
-    if transform is not None:
-        matrix = np.asarray(transform.TransformPoint((0.0, 0.0, 0.0)))
-        report["affine_translation_of_origin_mm"] = [float(v) for v in matrix]
     if fixed_seg is not None and moving_seg is not None:
         report.update(label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, moving_geometry, labels))
     report.update(_peak_memory_mb(device))
