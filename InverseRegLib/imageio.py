@@ -49,21 +49,22 @@ def validate_image(image: sitk.Image, name: str = "image") -> sitk.Image:
     return image
 
 
-def read_image(path, name: str | None = None) -> sitk.Image:
-    """Read a 3D scalar image as float32, validated."""
-    name = name or f"image {path}"
-    image = validate_image(_read(path, "image"), name)
+def read_image(path, name: str | None = None, role: str = "image") -> sitk.Image:
+    """Read a 3D scalar image as float32, validated. ``role`` ("fixed image", ...) starts every
+    error message, so a user sees which input is wrong even when the file is missing."""
+    name = name or f"{role} {path}"
+    image = validate_image(_read(path, role), name)
     return sitk.Cast(image, sitk.sitkFloat32)
 
 
-def read_label(path, name: str | None = None) -> sitk.Image:
+def read_label(path, name: str | None = None, role: str = "label map") -> sitk.Image:
     """Read a 3D integer label map (cast to int32)."""
-    image = _read(path, "label map")
+    image = _read(path, role)
     if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
-        raise InverseRegError(f"label map {path} must be a 3D scalar image")
+        raise InverseRegError(f"{role} {path} must be a 3D scalar image")
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
-        raise InverseRegError(f"label map {path} has non-integer values")
+        raise InverseRegError(f"{role} {path} has non-integer values")
     return sitk.Cast(image, sitk.sitkInt32)
 
 
@@ -73,6 +74,7 @@ def write_image_atomic(image: sitk.Image, path, compress: bool = True) -> None:
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    _permissions(tmp)
     try:
         sitk.WriteImage(image, tmp, compress)
         os.replace(tmp, path)
@@ -84,6 +86,7 @@ def write_image_atomic(image: sitk.Image, path, compress: bool = True) -> None:
 def write_text_atomic(text: str, path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _permissions(tmp)
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
@@ -111,3 +114,10 @@ OUTPUT_NAMES = (
     "report.json",
     "overview.png",
 )
+
+
+def _permissions(path) -> None:
+    """mkstemp makes files private (0600); outputs get the usual mode for new files instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

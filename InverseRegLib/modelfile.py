@@ -57,6 +57,7 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _permissions(tmp)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
@@ -120,3 +121,10 @@ def load_model(path=None, device: str | torch.device = "cpu") -> LoadedModel:
     network.eval().to(device)
     return LoadedModel(network, preset, grid, payload.get("normalization", {}), payload.get("training", {}),
                        model_id, str(path))
+
+
+def _permissions(path) -> None:
+    """mkstemp makes files private (0600); outputs get the usual mode for new files instead."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
