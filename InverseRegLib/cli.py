@@ -69,10 +69,10 @@ def cmd_register(args) -> int:
     prepare_output_dir(args.output, inputs)  # refuse a bad output folder before any work
     if (args.fixed_seg is None) != (args.moving_seg is None):
         raise InverseRegError("--fixed-seg and --moving-seg go together")
-    fixed = read_image(args.fixed, f"fixed image {args.fixed}")
-    moving = read_image(args.moving, f"moving image {args.moving}")
-    fixed_seg = read_label(args.fixed_seg) if args.fixed_seg else None
-    moving_seg = read_label(args.moving_seg) if args.moving_seg else None
+    fixed = read_image(args.fixed, role="fixed image")
+    moving = read_image(args.moving, role="moving image")
+    fixed_seg = read_label(args.fixed_seg, role="fixed label map") if args.fixed_seg else None
+    moving_seg = read_label(args.moving_seg, role="moving label map") if args.moving_seg else None
     model = load_model(args.model)
     progress = _Progress(args.progress, "register")
     try:

@@ -54,16 +54,29 @@ def sample_grid(volume: torch.Tensor, geometry: Geometry, points,
 
     ``points`` may be a numpy array (the result is then float64 numpy) or a tensor (the result is
     a float32 tensor on the volume's device). ``padding_mode='border'`` extends fields beyond
-    their grid with edge values; use ``zeros`` for images so outside the field of view is 0.
+    their grid with edge values; ``'itk'`` is what ITK's resampling does for images: points up
+    to half a voxel beyond the outer voxel centres take the edge value, points further out are 0
+    (``'zeros'`` instead fades to 0 across that half voxel).
     """
     as_numpy = isinstance(points, np.ndarray)
     points_t = torch.as_tensor(points, dtype=torch.float32, device=volume.device)
     flat = points_t.reshape(-1, 3)
     out = torch.empty((flat.shape[0], volume.shape[1]), dtype=torch.float32, device=volume.device)
+    itk = padding_mode == "itk"
+    if itk:
+        # ITK's IsInsideBuffer: continuous index in [-0.5, n - 0.5); normalised index 2i/(n-1) - 1
+        size = torch.as_tensor(geometry.size, dtype=torch.float32, device=volume.device)
+        half = 1.0 / torch.clamp(size - 1.0, min=1.0)
     for start in range(0, flat.shape[0], _CHUNK):
         grid = _normalized_grid(flat[start:start + _CHUNK], geometry, volume.device).view(1, 1, 1, -1, 3)
-        values = F.grid_sample(volume.float(), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-        out[start:start + _CHUNK] = values[0, :, 0, 0].T
+        values = F.grid_sample(volume.float(), grid, mode=mode, padding_mode="border" if itk else padding_mode,
+                               align_corners=True)
+        values = values[0, :, 0, 0].T
+        if itk:
+            g = grid.view(-1, 3)
+            inside = ((g >= -1.0 - half) & (g < 1.0 + half)).all(dim=1)
+            values = values * inside[:, None]
+        out[start:start + _CHUNK] = values
     out = out.reshape(*points_t.shape[:-1], volume.shape[1])
     return out.double().cpu().numpy() if as_numpy else out
 
@@ -110,12 +123,13 @@ def warp_image(moving: sitk.Image, displacement, geometry: Geometry,
 
     ``displacement`` is (z, y, x, 3) LPS mm (numpy or tensor). Equivalent to
     ``sitk.Resample(moving, reference, DisplacementFieldTransform(field))`` with linear (or
-    nearest-neighbour) interpolation and 0 outside the moving image.
+    nearest-neighbour) interpolation and 0 outside the moving image, including ITK's border rule
+    (edge value up to half a voxel beyond the outer voxel centres).
     """
     points = physical_points(geometry, device) + torch.as_tensor(displacement, dtype=torch.float32, device=device)
     array = sitk.GetArrayFromImage(moving)
     volume = torch.from_numpy(array.astype(np.float32))[None, None].to(device)
-    values = sample_grid(volume, Geometry.of(moving), points, "nearest" if nearest else "bilinear", "zeros")[..., 0]
+    values = sample_grid(volume, Geometry.of(moving), points, "nearest" if nearest else "bilinear", "itk")[..., 0]
     values = values.cpu().numpy()
     result = sitk.GetImageFromArray(np.rint(values).astype(array.dtype) if nearest else values)
     return geometry.apply_to(result)

@@ -19,6 +19,9 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e
     The correlation coefficient is computed in every ``window``^3 box and averaged over voxels:
     1 for identical images, -1 for an inverted contrast (``b = c - a``), about 0 for unrelated
     ones. Box sums are done with a separable 3D average filter, so the cost is linear in ``window``.
+    Near the border a window holds only the voxels inside the image (box sums divided by the
+    number of voxels inside, not by ``window``^3): zero padding would add fake zero voxels that
+    correlate any two images, e.g. +0.2 instead of -1 for an inverted contrast on a small grid.
     """
     if a.shape != b.shape:
         raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
@@ -36,12 +39,26 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e
             x = F.conv3d(x, kernel, padding=tuple(padding))
         return x
 
+    def inside_fraction(n: int, x: torch.Tensor) -> torch.Tensor:
+        """Fraction of each 1D window that lies inside an axis of length ``n``."""
+        ones = torch.ones(1, 1, n, dtype=x.dtype, device=x.device)
+        kernel = torch.full((1, 1, window), 1.0 / window, dtype=x.dtype, device=x.device)
+        return F.conv1d(ones, kernel, padding=window // 2).view(n)
+
     a = a.reshape(-1, 1, *a.shape[2:])
     b = b.reshape(-1, 1, *b.shape[2:])
-    mean_a, mean_b = box_mean(a), box_mean(b)
-    cov = box_mean(a * b) - mean_a * mean_b
-    var_a = torch.clamp(box_mean(a * a) - mean_a**2, min=0.0)
-    var_b = torch.clamp(box_mean(b * b) - mean_b**2, min=0.0)
+    d, h, w = a.shape[2:]
+    # the box filter is separable, so the fraction of a window inside the grid is a product
+    inside = (inside_fraction(d, a).view(d, 1, 1) * inside_fraction(h, a).view(1, h, 1)
+              * inside_fraction(w, a).view(1, 1, w))
+
+    def local_mean(x: torch.Tensor) -> torch.Tensor:
+        return box_mean(x) / inside
+
+    mean_a, mean_b = local_mean(a), local_mean(b)
+    cov = local_mean(a * b) - mean_a * mean_b
+    var_a = torch.clamp(local_mean(a * a) - mean_a**2, min=0.0)
+    var_b = torch.clamp(local_mean(b * b) - mean_b**2, min=0.0)
     cc = cov / torch.sqrt(var_a * var_b + eps)
     return cc.mean()
 

@@ -74,6 +74,22 @@ def _load_subjects(subjects: list[Subject], geometry: Geometry, normalization: d
     return images, labels
 
 
+def _truncate_log(path: Path, last_step: int) -> None:
+    """Drop the rows of a step CSV (first column ``step``) after ``last_step``: a run stopped
+    between checkpoints logged steps that the resumed run does again."""
+    if not path.exists():
+        return
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
+    if len(kept) == len(rows):
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="") as handle:
+        csv.writer(handle).writerows(kept)
+    tmp.replace(path)
+
+
 def validation_dice(network: InverseNet, images, labels, device, label_set=None) -> float | None:
     """Mean Dice over ordered validation pairs on the model grid (labels warped by nearest)."""
     pairs = [(i, j) for i in range(len(images)) for j in range(len(images)) if i != j
@@ -159,6 +175,11 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     log_path, val_path = run_dir / "log.csv", run_dir / "val.csv"
+    if rank == 0:
+        # rows after the step this run starts from (the checkpoint's, or 0 for a folder whose
+        # earlier run stopped before its first checkpoint) are redone, so they must not stay
+        _truncate_log(log_path, start_step)
+        _truncate_log(val_path, start_step)
     pairs = [(i, j) for i in range(len(train_images)) for j in range(len(train_images)) if i != j]
     synth_ok = all(label is not None for label in train_labels)
 
