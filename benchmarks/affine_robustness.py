@@ -67,14 +67,24 @@ def affine_only(mode: str = "affine", device: str = "cpu", **options) -> Registe
 
 
 def pipeline_method(device: str = "cpu", model: str | None = None) -> RegisterFn:
-    """Placeholder for the full pipeline (affine + deformable), once ``InverseRegLib.pipeline``
-    exists: it must return the moving seg warped onto the fixed grid through the written forward
-    field, and the affine part if it reports one."""
-    try:
-        from InverseRegLib import pipeline  # noqa: F401
-    except ImportError as exc:
-        raise SystemExit(f"--method pipeline needs InverseRegLib.pipeline: {exc}") from None
-    raise SystemExit("--method pipeline: wire InverseRegLib.pipeline.register here")
+    """The full pipeline (affine pre-alignment + the deformable network): the moving labels are
+    carried onto the fixed grid through the written forward field, which contains both parts."""
+    from InverseRegLib.fields import image_to_field, warp_image
+    from InverseRegLib.modelfile import load_model
+    from InverseRegLib.pipeline import register
+
+    loaded = load_model(model)
+
+    def run(fixed, moving, fixed_seg, moving_seg):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        result = register(fixed, moving, loaded, device, affine="affine")
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+        displacement, geometry = image_to_field(result.forward)
+        warped = warp_image(moving_seg, displacement, geometry, nearest=True)
+        return warped, result.affine, {"seconds": seconds, "cpu_seconds": cpu_seconds,
+                                       "seconds_affine": result.report["seconds_affine"]}
+
+    return run
 
 
 def random_perturbation(rng: np.random.Generator, center: np.ndarray, max_rotation: float,
