@@ -24,8 +24,10 @@ from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoada
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-#: the folder holding InverseReg.py also holds InverseRegLib/ (see InverseReg/CMakeLists.txt)
-MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+#: the folder that holds InverseRegLib/: beside InverseReg.py once installed by the extension
+#: (see InverseReg/CMakeLists.txt), one level up in a source checkout added to the module paths
+MODULE_DIR = _HERE if os.path.isdir(os.path.join(_HERE, "InverseRegLib")) else os.path.dirname(_HERE)
 
 
 class InverseReg(ScriptedLoadableModule):
