@@ -86,14 +86,16 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
-        self.ui.differenceButton.connect("clicked()", lambda: self.logic.showComparison(self._parameterNode, "difference"))
-        self.ui.blendButton.connect("clicked()", lambda: self.logic.showComparison(self._parameterNode, "blend"))
-        self.ui.checkerboardButton.connect("clicked()", self.onCheckerboard)
+        self.ui.differenceButton.connect("clicked()", lambda: self.onComparison("difference"))
+        self.ui.blendButton.connect("clicked()", lambda: self.onComparison("blend"))
+        self.ui.checkerboardButton.connect("clicked()", lambda: self.onComparison("checkerboard"))
         self.ui.backwardViewCheckBox.connect("toggled(bool)", self.onDirectionToggled)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
         self.cancelRegistration()
+        if self.logic:
+            self.logic.releaseOutputs()
         self.removeObservers()
 
     def enter(self) -> None:
@@ -188,13 +190,12 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.summaryLabel.text = self.logic.summaryText(report)
 
     def onDirectionToggled(self, backward: bool) -> None:
-        with slicer.util.tryWithErrorDisplay("Could not switch the direction."):
-            self.logic.showDirection(self._parameterNode, forward=not backward)
+        with slicer.util.tryWithErrorDisplay("Could not switch the direction.", waitCursor=True):
+            self.logic.showComparison(self._parameterNode, self.logic.comparisonMode, forward=not backward)
 
-    def onCheckerboard(self) -> None:
-        with slicer.util.tryWithErrorDisplay("Could not build the checkerboard.", waitCursor=True):
-            self.logic.showComparison(self._parameterNode, "checkerboard",
-                                      forward=not self.ui.backwardViewCheckBox.checked)
+    def onComparison(self, mode: str) -> None:
+        with slicer.util.tryWithErrorDisplay(f"Could not show the {mode} view.", waitCursor=True):
+            self.logic.showComparison(self._parameterNode, mode, forward=not self.ui.backwardViewCheckBox.checked)
 
 
 class RegistrationProcess:
@@ -210,8 +211,14 @@ class RegistrationProcess:
         self.lines = queue.Queue()
         self.error = None
         self.cancelled = False
+        options = {}
+        if os.name == "nt":  # no console window flashing up on Windows
+            info = subprocess.STARTUPINFO()
+            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+            info.wShowWindow = 0
+            options["startupinfo"] = info
         self.process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                        text=True, bufsize=1)
+                                        text=True, bufsize=1, **options)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
         self.timer = qt.QTimer()
@@ -241,6 +248,8 @@ class RegistrationProcess:
                 return
             code = self.process.returncode
             error = self.error or (None if code == 0 else f"the registration process ended with status {code}")
+            if error:
+                shutil.rmtree(self.tempDir, ignore_errors=True)
             self.onFinished(None if error else self.outputDir, error)
 
     def wait(self) -> None:
@@ -264,6 +273,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.lastOutputDir = None  # kept until the next run: the checkerboard reads the registered images
+        self.comparisonMode = "difference"
 
     def getParameterNode(self):
         return InverseRegParameterNode(super().getParameterNode())
@@ -273,6 +283,8 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
     def volumeProblem(node, role: str) -> Optional[str]:
         if node is None:
             return f"Select a {role} volume."
+        if node.IsA("vtkMRMLLabelMapVolumeNode"):
+            return f"The {role} volume '{node.GetName()}' is a label map; select an image (label maps go in Labels)."
         image = node.GetImageData()
         if image is None or image.GetNumberOfPoints() == 0:
             return f"The {role} volume '{node.GetName()}' is empty."
@@ -327,7 +339,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
 
     # --- running -------------------------------------------------------------------------------
     def buildCommand(self, parameters, inputs: dict, outputDir: str) -> list:
-        python = shutil.which("PythonSlicer") or sys.executable
+        python = self.pythonSlicerExecutable()
         command = [python, "-m", "InverseRegLib", "register", inputs["fixed"], inputs["moving"], "-o", outputDir,
                    "--device", parameters.device, "--affine", parameters.affine,
                    "--refine", str(int(parameters.refineSteps)), "--progress", "json"]
@@ -336,6 +348,19 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         if "fixedLabels" in inputs:
             command += ["--fixed-seg", inputs["fixedLabels"], "--moving-seg", inputs["movingLabels"]]
         return command
+
+    @staticmethod
+    def pythonSlicerExecutable() -> str:
+        """Slicer's own Python launcher (Slicer puts it on PATH); sys.executable inside Slicer is the
+        application itself, so it cannot stand in."""
+        python = shutil.which("PythonSlicer")
+        if not python:
+            candidate = os.path.join(os.path.dirname(sys.executable), "PythonSlicer" + (".exe" if os.name == "nt" else ""))
+            python = candidate if os.path.isfile(candidate) else None
+        if not python:
+            raise RuntimeError("PythonSlicer was not found on PATH, so the registration process cannot start; "
+                               "run InverseReg from a regular Slicer installation.")
+        return python
 
     def startRegistration(self, parameters, onProgress, onFinished) -> RegistrationProcess:
         problem = self.inputProblem(parameters)
@@ -370,9 +395,11 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
 
     # --- results into the scene ----------------------------------------------------------------
     @staticmethod
-    def _referenceRole(name: str, fallback: str) -> str:
-        getter = getattr(slicer.vtkMRMLTransformNode, name, None)
-        return getter() if getter else fallback
+    def _referenceRoles() -> tuple:
+        """(fixed, moving) reference roles of a registration transform, as Slicer names them
+        (vtkMRMLTransformNode::GetFixedNodeReferenceRole / GetMovingNodeReferenceRole)."""
+        node = slicer.vtkMRMLTransformNode
+        return node.GetFixedNodeReferenceRole(), node.GetMovingNodeReferenceRole()
 
     def _setGridTransform(self, node, fieldPath: str, fixedNode, movingNode) -> None:
         self._importLibrary()
@@ -386,15 +413,16 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         transform.SetInterpolationModeToLinear()  # what ITK used when the field was computed
         # the field maps points of its own grid into the other image: Slicer's resampling direction
         node.SetAndObserveTransformFromParent(transform)
-        node.RemoveAllNodeReferenceIDs(self._referenceRole("GetFixedNodeReferenceRole", "fixedVolume"))
-        node.RemoveAllNodeReferenceIDs(self._referenceRole("GetMovingNodeReferenceRole", "movingVolume"))
-        node.AddNodeReferenceID(self._referenceRole("GetFixedNodeReferenceRole", "fixedVolume"), fixedNode.GetID())
-        node.AddNodeReferenceID(self._referenceRole("GetMovingNodeReferenceRole", "movingVolume"), movingNode.GetID())
+        fixedRole, movingRole = self._referenceRoles()
+        node.SetNodeReferenceID(fixedRole, fixedNode.GetID())
+        node.SetNodeReferenceID(movingRole, movingNode.GetID())
 
     def applyResult(self, parameters, outputDir: str) -> dict:
         """Create or update the two transform nodes (and warped volumes) from ``outputDir``."""
         with open(os.path.join(outputDir, "report.json")) as handle:
             report = json.load(handle)
+        if self.lastOutputDir and os.path.normpath(self.lastOutputDir) != os.path.normpath(outputDir):
+            self.releaseOutputs()
         self.lastOutputDir = outputDir
         fixed, moving = parameters.fixedVolume, parameters.movingVolume
         if not parameters.forwardTransform:
@@ -405,16 +433,25 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
                 "vtkMRMLGridTransformNode", slicer.mrmlScene.GenerateUniqueName(f"{fixed.GetName()} to {moving.GetName()}"))
         self._setGridTransform(parameters.forwardTransform, os.path.join(outputDir, "forward.nii.gz"), fixed, moving)
         self._setGridTransform(parameters.backwardTransform, os.path.join(outputDir, "backward.nii.gz"), fixed, moving)
-        if parameters.createWarpedVolumes:
-            import sitkUtils
-            import SimpleITK as sitk
-            for fileName, source in (("moving_warped.nii.gz", moving), ("fixed_warped.nii.gz", fixed)):
-                name = f"{source.GetName()} registered"
-                node = slicer.mrmlScene.GetFirstNodeByName(name) or slicer.mrmlScene.AddNewNodeByClass(
-                    "vtkMRMLScalarVolumeNode", name)
+        import sitkUtils
+        import SimpleITK as sitk
+        for fileName, source in (("moving_warped.nii.gz", moving), ("fixed_warped.nii.gz", fixed)):
+            name = f"{source.GetName()} registered"
+            node = slicer.mrmlScene.GetFirstNodeByName(name)
+            # a registered volume left by an earlier run (or the checkerboard) must not show a stale result
+            if node is None and parameters.createWarpedVolumes:
+                node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+                node.CreateDefaultDisplayNodes()
+            if node is not None:
                 sitkUtils.PushVolumeToSlicer(sitk.ReadImage(os.path.join(outputDir, fileName)), targetNode=node)
         self.showDirection(parameters, forward=True)
         return report
+
+    def releaseOutputs(self) -> None:
+        """Delete the temporary folder of the last run (the scene holds copies of what it needs)."""
+        if self.lastOutputDir:
+            shutil.rmtree(os.path.dirname(self.lastOutputDir), ignore_errors=True)
+            self.lastOutputDir = None
 
     def showDirection(self, parameters, forward: bool = True) -> None:
         """Forward: moving under the forward transform over the (untransformed) fixed volume.
@@ -435,9 +472,13 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
 
     def showComparison(self, parameters, mode: str, forward: bool = True) -> None:
         """``difference`` (subtract compositing), ``blend`` (50 % opacity) or ``checkerboard``."""
+        if mode not in ("difference", "blend", "checkerboard"):
+            raise ValueError(f"unknown comparison '{mode}'")
+        self.comparisonMode = mode
         if mode == "checkerboard":
             self._showCheckerboard(parameters, forward)
             return
+        self.showDirection(parameters, forward)  # the checkerboard may have replaced the layers
         compositing = {"difference": slicer.vtkMRMLSliceCompositeNode.Subtract,
                        "blend": slicer.vtkMRMLSliceCompositeNode.Alpha}[mode]
         for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):

@@ -113,7 +113,8 @@ def cmd_train(args) -> int:
     config = TrainConfig(data_dir=args.data_dir, run_dir=args.output, preset=args.preset, steps=args.steps,
                          lr=args.lr, seed=args.seed, spacing=args.spacing, val_subjects=args.val,
                          val_every=args.val_every, checkpoint_every=args.checkpoint_every, augment=args.augment,
-                         synth=args.synth, weights=weights, ncc_window=args.ncc_window, device=args.device)
+                         synth=args.synth, weights=weights, ncc_window=args.ncc_window, device=args.device,
+                         init=args.init)
     path = train(config, progress=not args.quiet, label_set=_labels_arg(args.labels), resume=args.resume)
     print(f"model written to {path}")
     return 0
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ncc-window", type=int)
     p.add_argument("--labels", help="labels for validation Dice: all (default), freesurfer or a list")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
+    p.add_argument("--init", metavar="MODEL", help="start from this exported model's weights (fine-tune; "
+                   "same preset and grid), with a fresh optimiser")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_common(p, model=False)

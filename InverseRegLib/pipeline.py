@@ -12,7 +12,6 @@ backward one is ``backward(q) = A⁻¹(q) + d_TS(A⁻¹(q)) - q`` on the moving 
 """
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +29,7 @@ from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
 from .metrics import bir, dice_per_label, restrict_labels
+from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
 
 Progress = Callable[[float, str], None]
@@ -50,7 +50,7 @@ class RegistrationResult:
 
 
 def _peak_memory_mb(device: torch.device) -> dict:
-    out = {"peak_memory_mb_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+    out = {"peak_memory_mb_process": peak_rss_mb()}
     if device.type == "cuda":
         out["peak_memory_mb_gpu"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out

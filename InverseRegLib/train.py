@@ -52,6 +52,7 @@ class TrainConfig:
     weights: dict = field(default_factory=dict)  # overrides of the preset's loss weights
     ncc_window: int | None = None
     device: str = "auto"
+    init: str | None = None  # an exported model file whose weights start the run (fine-tuning)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -88,6 +89,29 @@ def _truncate_log(path: Path, last_step: int) -> None:
     with tmp.open("w", newline="") as handle:
         csv.writer(handle).writerows(kept)
     tmp.replace(path)
+
+
+def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry, normalization: dict) -> dict:
+    """Load an exported model's weights into ``network`` (a fresh optimiser follows); the model must
+    have been trained with the same preset and model grid, else fine-tuning would silently change
+    what the weights mean."""
+    from .modelfile import load_model
+
+    loaded = load_model(path)
+    if loaded.preset.to_dict() != preset.to_dict():
+        raise InverseRegError(f"--init: {path} was trained with another preset or loss weights "
+                              f"({loaded.preset.name}); train with the same settings or start fresh")
+    if (tuple(loaded.grid.size) != tuple(geometry.size)
+            or not np.allclose(loaded.grid.spacing, geometry.spacing)):
+        raise InverseRegError(f"--init: {path} has model grid {list(loaded.grid.size)} at "
+                              f"{list(loaded.grid.spacing)} mm, this run uses {list(geometry.size)} at "
+                              f"{list(geometry.spacing)} mm")
+    if loaded.normalization != normalization:
+        raise InverseRegError(f"--init: {path} uses another intensity normalisation ({loaded.normalization})")
+    network.load_state_dict(loaded.network.state_dict())
+    previous = loaded.training.get("steps")
+    return {"init_model": Path(path).name, "init_model_id": loaded.model_id,
+            "init_steps": int(previous) if previous is not None else None}
 
 
 def validation_dice(network: InverseNet, images, labels, device, label_set=None) -> float | None:
@@ -133,7 +157,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
                                   "it may be from another program or damaged") from None
         saved = resume_state["config"]
         # the resumed run must be the same run; only the step budget may grow
-        for key in ("preset", "lr", "seed", "spacing", "augment", "synth", "weights", "ncc_window"):
+        for key in ("preset", "lr", "seed", "spacing", "augment", "synth", "weights", "ncc_window", "init"):
             if saved.get(key) != config.to_dict().get(key):
                 raise InverseRegError(f"--resume: '{key}' differs from the checkpointed run "
                                       f"({saved.get(key)!r} vs {config.to_dict().get(key)!r})")
@@ -155,6 +179,11 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         network = network.to(memory_format=torch.channels_last_3d)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr)
     start_step = 0
+    init_info = {}
+    if config.init and resume_state is None:
+        init_info = _initialise_from(network, config.init, preset, geometry, normalization)
+    elif config.init:
+        init_info = resume_state.get("init_info", {})
     if resume_state is not None:
         network.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -170,6 +199,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         "data": str(config.data_dir), "train_subjects": [s.name for s in train_subjects],
         "val_subjects": [s.name for s in val_subjects], "lr": config.lr, "seed": config.seed,
         "device": device.type, "world_size": world, "augment": config.augment, "synth": config.synth,
+        **init_info,
     }
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +224,8 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
 
     def save_checkpoint(step: int) -> None:
         atomic_torch_save({"step": step, "model": network.state_dict(), "optimizer": optimizer.state_dict(),
-                           "config": config.to_dict(), "elapsed": elapsed, "best_val": best}, checkpoint_path)
+                           "config": config.to_dict(), "elapsed": elapsed, "best_val": best,
+                           "init_info": init_info}, checkpoint_path)
 
     for step in range(start_step, config.steps):
         rng = np.random.default_rng([config.seed, step, rank])

@@ -272,3 +272,28 @@ def test_ddp_two_gloo_processes(data_dirs, tmp_path):
     model = load_model(run / "model.pt")
     assert model.training["world_size"] == 2 and model.training["steps"] == 3
     assert [int(r["step"]) for r in read_log(run)] == [1, 2, 3]
+
+
+def test_init_starts_from_a_model_and_refuses_a_mismatched_one(short_run, data_dirs, tmp_path, capsys):
+    """``--init`` loads an exported model's weights (step 0 of the new run equals the model), records
+    where they came from, and refuses a model of another grid or preset with one line."""
+    frozen = tmp_path / "frozen"  # lr 0: the weights stay what --init loaded
+    assert main(train_args(data_dirs["data3"], frozen, 1, "--lr", "0", "--init", short_run / "model.pt")) == 0
+    assert_same_weights(frozen / "model.pt", short_run / "model.pt")
+    run = tmp_path / "finetune"
+    assert main(train_args(data_dirs["data3"], run, 2, "--init", short_run / "model.pt")) == 0
+    tuned = load_model(run / "model.pt")
+    assert tuned.training["init_steps"] == STEPS and tuned.training["init_model"] == "model.pt"
+    assert tuned.training["init_model_id"] == load_model(short_run / "model.pt").model_id
+    original = load_model(short_run / "model.pt").network.state_dict()
+    assert any(not torch.equal(value, original[name]) for name, value in tuned.network.state_dict().items())
+    before = file_hashes(short_run)
+    code = main(["train", str(data_dirs["data3"]), "-o", str(tmp_path / "other_grid"), "--steps", "1",
+                 "--spacing", "8", "--quiet", "--device", "cpu", "--init", str(short_run / "model.pt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--init" in err[0] and "model grid" in err[0]
+    code = main(train_args(data_dirs["data3"], tmp_path / "other_preset", 1, "--preset", "paper",
+                           "--init", short_run / "model.pt"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "another preset" in err[0]
+    assert file_hashes(short_run) == before
