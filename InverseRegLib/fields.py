@@ -25,16 +25,62 @@ def voxel_field_to_physical(u: torch.Tensor, geometry: Geometry) -> torch.Tensor
     return torch.einsum("ab,nbzyx->nazyx", matrix, u)
 
 
+def index_affine(geometry: Geometry, matrix, offset, device="cpu", z_range: tuple[int, int] | None = None):
+    """``matrix @ (i, j, k) + offset`` at every voxel index of ``geometry`` (rows ``z_range`` of
+    it, default all): a float32 tensor (z, y, x, 3). A sum of three broadcast outer products, so
+    no index array is built."""
+    nx, ny, nz = geometry.size
+    z0, z1 = z_range if z_range is not None else (0, nz)
+    matrix = torch.as_tensor(np.asarray(matrix, dtype=np.float64), dtype=torch.float32, device=device)
+    offset = torch.as_tensor(np.asarray(offset, dtype=np.float64), dtype=torch.float32, device=device)
+    k = torch.arange(z0, z1, dtype=torch.float32, device=device)
+    j = torch.arange(ny, dtype=torch.float32, device=device)
+    i = torch.arange(nx, dtype=torch.float32, device=device)
+    return (offset + k.view(-1, 1, 1, 1) * matrix[:, 2] + j.view(1, ny, 1, 1) * matrix[:, 1]
+            + i.view(1, 1, nx, 1) * matrix[:, 0])
+
+
 def physical_points(geometry: Geometry, device="cpu") -> torch.Tensor:
     """Voxel centres of ``geometry`` as a float32 tensor (z, y, x, 3) of LPS mm (torch's threads
     make this several times faster than the float64 numpy version for full-size grids)."""
-    nx, ny, nz = geometry.size
-    matrix = torch.as_tensor(geometry.index_to_physical, dtype=torch.float32, device=device)
-    origin = torch.as_tensor(geometry.origin, dtype=torch.float32, device=device)
-    axes = [torch.arange(n, dtype=torch.float32, device=device) for n in (nx, ny, nz)]
-    # p = origin + M @ (i, j, k): a sum of three broadcast outer products, no index array needed
-    return (origin + axes[2].view(nz, 1, 1, 1) * matrix[:, 2] + axes[1].view(1, ny, 1, 1) * matrix[:, 1]
-            + axes[0].view(1, 1, nx, 1) * matrix[:, 0])
+    return index_affine(geometry, geometry.index_to_physical, geometry.origin, device)
+
+
+def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometry: Geometry,
+                   pre: tuple[np.ndarray, np.ndarray] | None = None,
+                   post: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``B @ field(A p + b) + C p + c`` at every voxel centre p of ``output_geometry``; -> (z, y, x, C) float64.
+
+    ``field`` is (1, C, D, H, W) on ``field_geometry``, sampled trilinearly with border extension.
+    ``pre = (A, b)`` maps output points into the field's space (default identity); ``post = (B, C, c)``
+    adds a linear map of the sampled value and an affine term in p (default: the value alone).
+    Both are folded into affine functions of the voxel index, so each z-slab costs one broadcast
+    grid and one ``grid_sample``: no point array, no per-point matrix product for the grid.
+    """
+    nx, ny, nz = output_geometry.size
+    index_to_point = np.asarray(output_geometry.index_to_physical, dtype=np.float64)
+    origin = np.asarray(output_geometry.origin, dtype=np.float64)
+    a, b = pre if pre is not None else (np.eye(3), np.zeros(3))
+    # field-space point q(i) = A (M i + o) + b; grid_sample coordinate g = K (q - o_f) - 1
+    size = np.asarray(field_geometry.size, dtype=np.float64)
+    k = np.diag(2.0 / np.maximum(size - 1.0, 1.0)) @ np.linalg.inv(field_geometry.index_to_physical)
+    grid_matrix = k @ a @ index_to_point
+    grid_offset = k @ (a @ origin + b - np.asarray(field_geometry.origin, dtype=np.float64)) - 1.0
+    out = np.empty((nz, ny, nx, field.shape[1]), dtype=np.float64)
+    volume = field.float()
+    rows = max(1, _CHUNK // max(nx * ny, 1))
+    for z0 in range(0, nz, rows):
+        z1 = min(nz, z0 + rows)
+        grid = index_affine(output_geometry, grid_matrix, grid_offset, field.device, (z0, z1))
+        values = F.grid_sample(volume, grid[None], mode="bilinear", padding_mode="border", align_corners=True)
+        values = values[0].permute(1, 2, 3, 0)
+        if post is not None:
+            matrix, linear, constant = (np.asarray(x, dtype=np.float64) for x in post)
+            values = values @ torch.as_tensor(matrix.T, dtype=torch.float32, device=field.device)
+            values = values + index_affine(output_geometry, linear @ index_to_point, linear @ origin + constant,
+                                           field.device, (z0, z1))
+        out[z0:z1] = values.cpu().numpy()
+    return out
 
 
 def _normalized_grid(points, geometry: Geometry, device) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from .device import resolve_device
 from .errors import InverseRegError
 from .fields import (affine_matrix, field_to_image, folding_percent, inverse_consistency_error,
-                     jacobian_determinant, physical_points, sample_grid, voxel_field_to_physical,
+                     jacobian_determinant, resample_field, voxel_field_to_physical,
                      warp_image)
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
@@ -65,19 +65,14 @@ def _compose_with_affine(field_mm: torch.Tensor, model_grid: Geometry, output_gr
     The network's fields live in the fixed image's frame (where the affinely resampled moving
     image was registered), hence A after the forward field and A^-1 before the backward one.
     """
-    points = physical_points(output_grid, field_mm.device)
     if transform is None:
-        return sample_grid(field_mm, model_grid, points).double().cpu().numpy()
+        return resample_field(field_mm, model_grid, output_grid)
     matrix, offset = affine_matrix(transform.GetInverse() if inverse else transform)
-    a = torch.as_tensor(matrix, dtype=torch.float32, device=field_mm.device)
-    b = torch.as_tensor(offset, dtype=torch.float32, device=field_mm.device)
-    if inverse:
-        mapped = points @ a.T + b
-        result = mapped + sample_grid(field_mm, model_grid, mapped) - points
-    else:
-        moved = points + sample_grid(field_mm, model_grid, points)
-        result = moved @ a.T + b - points
-    return result.double().cpu().numpy()
+    if inverse:  # A p + b + d(A p + b) - p
+        return resample_field(field_mm, model_grid, output_grid, pre=(matrix, offset),
+                              post=(np.eye(3), matrix - np.eye(3), offset))
+    # A (p + d(p)) + b - p
+    return resample_field(field_mm, model_grid, output_grid, post=(matrix, matrix - np.eye(3), offset))
 
 
 def model_geometry(model: LoadedModel, fixed: sitk.Image) -> Geometry:
