@@ -22,6 +22,7 @@ representation:
 
 * InverseNet: ``InverseRegLib.pipeline.register(fixed, moving, model, affine=None)`` (the data are
   pre-aligned); its own report's ``seconds_network`` / ``seconds_to_fields`` are kept as well;
+  ``--refine N`` adds a row for the first model with N steps of instance optimisation;
 * VoxelMorph (trained by ``benchmarks/train_voxelmorph.py``): run twice, moving -> fixed and
   fixed -> moving; each 2 mm model-grid field is resampled in physical space onto the 1 mm grid;
 * ANTs (``antspyx``): one ``ants.registration`` gives both directions; its transform lists
@@ -95,7 +96,8 @@ def _register_inversenet(job, fixed_path, moving_path, timing):
     timing["seconds_model_load"] = time.perf_counter() - t0
     timing["rss_before_mb"] = _rss_mb()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    result = register(fixed, moving, model, device=job.get("device", "cpu"), affine=None)
+    result = register(fixed, moving, model, device=job.get("device", "cpu"), affine=None,
+                      refine=int(job.get("refine", 0)))
     timing["seconds_both_directions"] = time.perf_counter() - t0
     timing["cpu_seconds"] = _cpu_seconds() - cpu0
     report = result.report
@@ -555,6 +557,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ants", action="append", default=None,
                         help="NAME=TYPE[,key=value...] for ants.registration, repeatable (default: "
                              "'ANTs SyN=SyN' and 'ANTs SyNCC=SyNCC'); 'none' to skip")
+    parser.add_argument("--refine", type=int, default=0, metavar="N",
+                        help="add a row: the first InverseNet model with N steps of instance optimisation")
     parser.add_argument("--no-identity", action="store_true", help="leave out the affine-only starting point")
     parser.add_argument("--labels", default="freesurfer", help="'freesurfer' (the evaluation list), 'all', or 2,3,41,...")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method (default 1)")
@@ -597,6 +601,9 @@ def main(argv=None) -> int:
         if not Path(path).is_file():
             raise SystemExit(f"InverseNet model not found: {path}")
         methods.append((name, "inversenet", {"path": str(Path(path).resolve()), "device": args.device}))
+    if args.refine:
+        first = next(m for m in methods if m[1] == "inversenet")
+        methods.append((f"{first[0]} + refine {args.refine}", "inversenet", {**first[2], "refine": args.refine}))
     vxm_entries = args.vxm or ["/work/runs/voxelmorph_2mm/model.pt"]
     if vxm_entries != ["none"]:
         for name, path in _named(vxm_entries, "VoxelMorph"):
