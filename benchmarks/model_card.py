@@ -24,6 +24,7 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--command", default="", help="the training command, verbatim")
     parser.add_argument("--notes", default="", help="extra markdown appended at the end")
+    parser.add_argument("--previous", help="the model this one was fine-tuned from (--init), for the history")
     args = parser.parse_args()
     model = load_model(args.model)
     summary = json.loads((Path(args.eval) / "summary.json").read_text())
@@ -39,6 +40,16 @@ def main() -> int:
     if args.run and (Path(args.run) / "val.csv").exists():
         rows = list(csv.DictReader((Path(args.run) / "val.csv").open()))
         val_curve = ", ".join(f"{r['step']}: {float(r['dice']):.3f}" for r in rows)
+    optimiser = f"Adam, lr {info.get('lr')}, batch 1, seed {info.get('seed')}"
+    steps = f"{info.get('steps')}"
+    hours = info.get("seconds", 0) / 3600
+    if info.get("init_steps") is not None:
+        steps = f"{info['init_steps'] + info['steps']}: {info['init_steps']} from scratch, then {info['steps']} fine-tuning"
+        if args.previous:
+            before = load_model(args.previous).training
+            optimiser = (f"Adam, batch 1; lr {before.get('lr')}, seed {before.get('seed')} from scratch; "
+                         f"then a fresh Adam, lr {info.get('lr')}, seed {info.get('seed')} (`--init`)")
+            hours += before.get("seconds", 0) / 3600
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     text = f"""# Model card: InverseReg-default
@@ -52,9 +63,9 @@ def main() -> int:
 | intensity normalisation | {json.dumps(model.normalization)} |
 | training data | `{info.get('data')}`: subjects {', '.join(info.get('train_subjects', []))} (pairwise N×(N−1)); validation {', '.join(info.get('val_subjects', []))} |
 | augmentation | intensity (gamma, smooth bias, noise) with p={info.get('augment')} per image; label-synthesised random-contrast pairs with p={info.get('synth')} |
-| optimiser | Adam, lr {info.get('lr')}, batch 1, seed {info.get('seed')} |
-| steps | {info.get('steps')} |
-| device | {info.get('device')} ({cpu}); training time {info.get('seconds', 0) / 3600:.2f} h |
+| optimiser | {optimiser} |
+| steps | {steps} |
+| device | {info.get('device')} ({cpu}); training time {hours:.2f} h |
 
 Training command:
 
