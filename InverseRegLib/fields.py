@@ -62,8 +62,7 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
     origin = np.asarray(output_geometry.origin, dtype=np.float64)
     a, b = pre if pre is not None else (np.eye(3), np.zeros(3))
     # field-space point q(i) = A (M i + o) + b; grid_sample coordinate g = K (q - o_f) - 1
-    size = np.asarray(field_geometry.size, dtype=np.float64)
-    k = np.diag(2.0 / np.maximum(size - 1.0, 1.0)) @ np.linalg.inv(field_geometry.index_to_physical)
+    k = _to_normalized(field_geometry)
     grid_matrix = k @ a @ index_to_point
     grid_offset = k @ (a @ origin + b - np.asarray(field_geometry.origin, dtype=np.float64)) - 1.0
     out = np.empty((nz, ny, nx, field.shape[1]), dtype=np.float64)
@@ -83,11 +82,16 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
     return out
 
 
+def _to_normalized(geometry: Geometry) -> np.ndarray:
+    """K with grid_sample coordinate = K (p - origin) - 1 for physical points p of ``geometry``
+    (align_corners=True): K = diag(2 / (n - 1)) M^-1."""
+    size = np.asarray(geometry.size, dtype=np.float64)
+    return np.diag(2.0 / np.maximum(size - 1.0, 1.0)) @ np.linalg.inv(geometry.index_to_physical)
+
+
 def _normalized_grid(points, geometry: Geometry, device) -> torch.Tensor:
     """Physical points (..., 3) -> grid_sample coordinates of ``geometry`` (align_corners=True)."""
-    size = np.asarray(geometry.size, dtype=np.float64)
-    # normalized = K (p - origin) - 1 with K = diag(2 / (n - 1)) M^-1
-    k = np.diag(2.0 / np.maximum(size - 1.0, 1.0)) @ np.linalg.inv(geometry.index_to_physical)
+    k = _to_normalized(geometry)
     k_t = torch.as_tensor(k.T, dtype=torch.float32, device=device)
     origin = torch.as_tensor(geometry.origin, dtype=torch.float32, device=device)
     points = torch.as_tensor(points, dtype=torch.float32, device=device)

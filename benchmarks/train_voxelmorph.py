@@ -110,7 +110,7 @@ def vxm_field_mm(model: LoadedVxm, fixed, moving):
     ((z, y, x, 3) float64 LPS displacement on the fixed grid, seconds in the network).
     """
     import SimpleITK as sitk
-    from InverseRegLib.fields import physical_points, sample_grid, voxel_field_to_physical
+    from InverseRegLib.fields import resample_field, voxel_field_to_physical
     from InverseRegLib.grid import Geometry, centered_grid, intensity_center, resample_to
     from InverseRegLib.intensity import normalize
 
@@ -126,7 +126,7 @@ def vxm_field_mm(model: LoadedVxm, fixed, moving):
     seconds = time.perf_counter() - t0
     d_mm = voxel_field_to_physical(u, geometry)
     fixed_geometry = Geometry.of(fixed)
-    field = sample_grid(d_mm, geometry, physical_points(fixed_geometry)).double().cpu().numpy()
+    field = resample_field(d_mm, geometry, fixed_geometry)  # the same code path as InverseNet's fields
     return field, seconds
 
 
