@@ -55,7 +55,10 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
     ``pre = (A, b)`` maps output points into the field's space (default identity); ``post = (B, C, c)``
     adds a linear map of the sampled value and an affine term in p (default: the value alone).
     Both are folded into affine functions of the voxel index, so each z-slab costs one broadcast
-    grid and one ``grid_sample``: no point array, no per-point matrix product for the grid.
+    grid and one ``grid_sample``: no point array, no per-point matrix product for the grid. When
+    that index map is axis-aligned (same axes up to flips and scale: the pre-aligned case, and
+    the forward field whenever the model grid shares the image's axes) the sampling is separable
+    and done as three 1D interpolations instead (:func:`_sample_axis_aligned`), same values.
     """
     nx, ny, nz = output_geometry.size
     index_to_point = np.asarray(output_geometry.index_to_physical, dtype=np.float64)
@@ -66,20 +69,73 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
     grid_matrix = k @ a @ index_to_point
     grid_offset = k @ (a @ origin + b - np.asarray(field_geometry.origin, dtype=np.float64)) - 1.0
     out = np.empty((nz, ny, nx, field.shape[1]), dtype=np.float64)
+    out_t = torch.from_numpy(out)
     volume = field.float()
+    separable = _is_diagonal(grid_matrix)
     rows = max(1, _CHUNK // max(nx * ny, 1))
     for z0 in range(0, nz, rows):
         z1 = min(nz, z0 + rows)
-        grid = index_affine(output_geometry, grid_matrix, grid_offset, field.device, (z0, z1))
-        values = F.grid_sample(volume, grid[None], mode="bilinear", padding_mode="border", align_corners=True)
+        if separable:
+            values = _sample_axis_aligned(volume, field_geometry.size, np.diag(grid_matrix), grid_offset,
+                                          (nx, ny), (z0, z1))
+        else:
+            grid = index_affine(output_geometry, grid_matrix, grid_offset, field.device, (z0, z1))
+            values = F.grid_sample(volume, grid[None], mode="bilinear", padding_mode="border", align_corners=True)
         values = values[0].permute(1, 2, 3, 0)
         if post is not None:
             matrix, linear, constant = (np.asarray(x, dtype=np.float64) for x in post)
-            values = values @ torch.as_tensor(matrix.T, dtype=torch.float32, device=field.device)
+            values = _times_transpose(values, matrix)
             values = values + index_affine(output_geometry, linear @ index_to_point, linear @ origin + constant,
                                            field.device, (z0, z1))
-        out[z0:z1] = values.cpu().numpy()
+        out_t[z0:z1].copy_(values)  # torch's threaded copy: float32 -> float64 into ``out``
     return out
+
+
+def _is_diagonal(matrix: np.ndarray, tolerance: float = 1e-9) -> bool:
+    off_diagonal = matrix - np.diag(np.diag(matrix))
+    return float(np.abs(off_diagonal).max()) <= tolerance * float(np.abs(matrix).max())
+
+
+def _times_transpose(vectors: torch.Tensor, matrix: np.ndarray) -> torch.Tensor:
+    """``vectors @ matrix.T`` for (..., 3) vectors; a per-component scale when ``matrix`` is
+    diagonal (grids whose axes are the coordinate axes up to flips), several times faster."""
+    if _is_diagonal(matrix):
+        return vectors * torch.as_tensor(np.diag(matrix).copy(), dtype=vectors.dtype, device=vectors.device)
+    return vectors @ torch.as_tensor(matrix.T, dtype=vectors.dtype, device=vectors.device)
+
+
+def _sample_axis_aligned(volume: torch.Tensor, field_size, scale: np.ndarray, offset: np.ndarray,
+                         xy_size: tuple[int, int], z_range: tuple[int, int]) -> torch.Tensor:
+    """What ``grid_sample(volume, grid, 'bilinear', 'border', align_corners=True)`` returns when
+    every grid coordinate depends on its own output index only (``g_a = scale_a * i_a + offset_a``):
+    trilinear interpolation is then a product of three 1D interpolations, each a matrix product
+    along one axis (two non-zeros per row). Dense BLAS products beat ``grid_sample``'s eight
+    scattered reads per voxel several times over on a 1 mm brain grid.
+
+    ``volume`` (1, C, D, H, W); -> (1, C, z1 - z0, ny, nx) for output rows ``z_range``.
+    """
+    nx, ny = xy_size
+    z0, z1 = z_range
+
+    def weights(axis: int, indices: np.ndarray) -> torch.Tensor:
+        n = int(field_size[axis])
+        # grid_sample's unnormalisation for align_corners=True, then 'border' clamping
+        position = np.clip((scale[axis] * indices + offset[axis] + 1.0) * 0.5 * (n - 1), 0.0, n - 1)
+        lower = np.minimum(np.floor(position).astype(np.int64), n - 1)
+        upper = np.minimum(lower + 1, n - 1)
+        fraction = position - lower
+        matrix = np.zeros((len(indices), n), dtype=np.float32)
+        rows = np.arange(len(indices))
+        np.add.at(matrix, (rows, lower), 1.0 - fraction)
+        np.add.at(matrix, (rows, upper), fraction)
+        return torch.from_numpy(matrix).to(volume.device)
+
+    channels, depth, height, width = volume.shape[1:]
+    # each product contracts one axis in place (batched matmul), so no permuted copies are made
+    values = torch.matmul(weights(2, np.arange(z0, z1)), volume[0].reshape(channels, depth, height * width))
+    values = torch.matmul(values.view(channels, z1 - z0, height, width), weights(0, np.arange(nx)).T)
+    values = torch.matmul(weights(1, np.arange(ny)), values.view(channels * (z1 - z0), height, nx))
+    return values.view(1, channels, z1 - z0, ny, nx)
 
 
 def _to_normalized(geometry: Geometry) -> np.ndarray:
@@ -112,23 +168,29 @@ def sample_grid(volume: torch.Tensor, geometry: Geometry, points,
     points_t = torch.as_tensor(points, dtype=torch.float32, device=volume.device)
     flat = points_t.reshape(-1, 3)
     out = torch.empty((flat.shape[0], volume.shape[1]), dtype=torch.float32, device=volume.device)
+    for start in range(0, flat.shape[0], _CHUNK):
+        grid = _normalized_grid(flat[start:start + _CHUNK], geometry, volume.device)
+        out[start:start + _CHUNK] = _sample_normalized(volume, grid, geometry, mode, padding_mode)
+    out = out.reshape(*points_t.shape[:-1], volume.shape[1])
+    return out.double().cpu().numpy() if as_numpy else out
+
+
+def _sample_normalized(volume: torch.Tensor, grid: torch.Tensor, geometry: Geometry, mode: str,
+                       padding_mode: str) -> torch.Tensor:
+    """``grid_sample`` at (..., 3) normalised coordinates of ``geometry``; -> (N, C) float32,
+    with the 'itk' padding rule of :func:`sample_grid`."""
     itk = padding_mode == "itk"
+    values = F.grid_sample(volume.float(), grid.reshape(1, 1, 1, -1, 3), mode=mode,
+                           padding_mode="border" if itk else padding_mode, align_corners=True)
+    values = values[0, :, 0, 0].T
     if itk:
         # ITK's IsInsideBuffer: continuous index in [-0.5, n - 0.5); normalised index 2i/(n-1) - 1
         size = torch.as_tensor(geometry.size, dtype=torch.float32, device=volume.device)
-        half = 1.0 / torch.clamp(size - 1.0, min=1.0)
-    for start in range(0, flat.shape[0], _CHUNK):
-        grid = _normalized_grid(flat[start:start + _CHUNK], geometry, volume.device).view(1, 1, 1, -1, 3)
-        values = F.grid_sample(volume.float(), grid, mode=mode, padding_mode="border" if itk else padding_mode,
-                               align_corners=True)
-        values = values[0, :, 0, 0].T
-        if itk:
-            g = grid.view(-1, 3)
-            inside = ((g >= -1.0 - half) & (g < 1.0 + half)).all(dim=1)
-            values = values * inside[:, None]
-        out[start:start + _CHUNK] = values
-    out = out.reshape(*points_t.shape[:-1], volume.shape[1])
-    return out.double().cpu().numpy() if as_numpy else out
+        bound = 1.0 + 1.0 / torch.clamp(size - 1.0, min=1.0)
+        flat = grid.reshape(-1, 3)
+        inside = ((flat >= -bound) & (flat < bound)).all(dim=1)
+        values = values * inside[:, None]
+    return values
 
 
 def field_to_image(displacement: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -174,13 +236,26 @@ def warp_image(moving: sitk.Image, displacement, geometry: Geometry,
     ``displacement`` is (z, y, x, 3) LPS mm (numpy or tensor). Equivalent to
     ``sitk.Resample(moving, reference, DisplacementFieldTransform(field))`` with linear (or
     nearest-neighbour) interpolation and 0 outside the moving image, including ITK's border rule
-    (edge value up to half a voxel beyond the outer voxel centres).
+    (edge value up to half a voxel beyond the outer voxel centres). The sampling coordinates
+    ``K (p + d(p) - o) - 1`` are built per z-slab as an index-affine grid plus ``K d``, so no
+    array of physical points is made.
     """
-    points = physical_points(geometry, device) + torch.as_tensor(displacement, dtype=torch.float32, device=device)
+    moving_geometry = Geometry.of(moving)
+    k = _to_normalized(moving_geometry)
+    grid_matrix = k @ geometry.index_to_physical
+    grid_offset = k @ (np.asarray(geometry.origin) - np.asarray(moving_geometry.origin)) - 1.0
+    displacement = torch.as_tensor(displacement, dtype=torch.float32, device=device)
     array = sitk.GetArrayFromImage(moving)
-    volume = torch.from_numpy(array.astype(np.float32))[None, None].to(device)
-    values = sample_grid(volume, Geometry.of(moving), points, "nearest" if nearest else "bilinear", "itk")[..., 0]
-    values = values.cpu().numpy()
+    volume = torch.from_numpy(array.astype(np.float32, copy=False))[None, None].to(device)
+    nx, ny, nz = geometry.size
+    values = np.empty(geometry.array_shape, dtype=np.float32)
+    rows = max(1, _CHUNK // max(nx * ny, 1))
+    for z0 in range(0, nz, rows):
+        z1 = min(nz, z0 + rows)
+        grid = index_affine(geometry, grid_matrix, grid_offset, device, (z0, z1))
+        grid += _times_transpose(displacement[z0:z1], k)
+        sampled = _sample_normalized(volume, grid, moving_geometry, "nearest" if nearest else "bilinear", "itk")
+        values[z0:z1] = sampled[:, 0].reshape(z1 - z0, ny, nx).cpu().numpy()
     result = sitk.GetImageFromArray(np.rint(values).astype(array.dtype) if nearest else values)
     return geometry.apply_to(result)
 
@@ -188,18 +263,33 @@ def warp_image(moving: sitk.Image, displacement, geometry: Geometry,
 def jacobian_determinant(displacement, geometry: Geometry) -> np.ndarray:
     """det(I + ∂d/∂p) of a (z, y, x, 3) physical field, by central differences; -> (z, y, x).
 
-    Non-positive values mark folding (the map is not locally invertible there).
+    Non-positive values mark folding (the map is not locally invertible there). Computed on a
+    component-first copy with in-place arithmetic, and with one term per entry instead of three
+    when the grid's axes are the coordinate axes (up to flips): a 1 mm brain field in ~0.3 s.
     """
-    d = torch.as_tensor(displacement, dtype=torch.float32)
-    # g[b][..., a] = ∂d_a / ∂index_b, index order (x, y, z) = array axes (2, 1, 0)
-    g = [torch.gradient(d, dim=axis)[0] if d.shape[axis] > 1 else torch.zeros_like(d) for axis in (2, 1, 0)]
-    inverse = torch.as_tensor(np.linalg.inv(geometry.index_to_physical), dtype=torch.float32)
+    # (3, z, y, x): component a of the displacement along dim 0
+    d = torch.as_tensor(displacement, dtype=torch.float32).permute(3, 0, 1, 2).contiguous()
+    inverse = np.linalg.inv(geometry.index_to_physical)
+    # g[b][a] = ∂d_a / ∂index_b; index order (x, y, z) = dims (3, 2, 1)
+    g = [torch.gradient(d, dim=dim)[0] if d.shape[dim] > 1 else torch.zeros_like(d) for dim in (3, 2, 1)]
+    diagonal = _is_diagonal(inverse)
     # J[a][c] = δ_ac + Σ_b g[b][a] inverse[b][c]
-    j = [[sum(g[b][..., a] * inverse[b, c] for b in range(3)) + (1.0 if a == c else 0.0) for c in range(3)]
-         for a in range(3)]
-    det = (j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
-           - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
-           + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0]))
+    j = [[None] * 3 for _ in range(3)]
+    for a in range(3):
+        for c in range(3):
+            if diagonal:
+                entry = g[c][a] * float(inverse[c, c])
+            else:
+                entry = g[0][a] * float(inverse[0, c])
+                for b in (1, 2):
+                    entry.add_(g[b][a], alpha=float(inverse[b, c]))
+            j[a][c] = entry.add_(1.0) if a == c else entry
+    det = j[1][1] * j[2][2]
+    det.sub_(j[1][2] * j[2][1]).mul_(j[0][0])
+    term = j[1][0] * j[2][2]
+    det.sub_(term.sub_(j[1][2] * j[2][0]).mul_(j[0][1]))
+    term = j[1][0] * j[2][1]
+    det.add_(term.sub_(j[1][1] * j[2][0]).mul_(j[0][2]))
     return det.numpy()
 
 

@@ -22,7 +22,7 @@ representation:
 
 * InverseNet: ``InverseRegLib.pipeline.register(fixed, moving, model, affine=None)`` (the data are
   pre-aligned); its own report's ``seconds_network`` / ``seconds_to_fields`` are kept as well;
-  ``--refine N`` adds a row for the first model with N steps of instance optimisation;
+  ``--refine N`` (repeatable) adds a row for the first model with N steps of instance optimisation;
 * VoxelMorph (trained by ``benchmarks/train_voxelmorph.py``): run twice, moving -> fixed and
   fixed -> moving; each 2 mm model-grid field is resampled in physical space onto the 1 mm grid;
 * ANTs (``antspyx``): one ``ants.registration`` gives both directions; its transform lists
@@ -557,8 +557,9 @@ def main(argv=None) -> int:
     parser.add_argument("--ants", action="append", default=None,
                         help="NAME=TYPE[,key=value...] for ants.registration, repeatable (default: "
                              "'ANTs SyN=SyN' and 'ANTs SyNCC=SyNCC'); 'none' to skip")
-    parser.add_argument("--refine", type=int, default=0, metavar="N",
-                        help="add a row: the first InverseNet model with N steps of instance optimisation")
+    parser.add_argument("--refine", type=int, action="append", default=None, metavar="N",
+                        help="add a row: the first InverseNet model with N steps of instance optimisation "
+                             "(repeatable: one row per N)")
     parser.add_argument("--no-identity", action="store_true", help="leave out the affine-only starting point")
     parser.add_argument("--labels", default="freesurfer", help="'freesurfer' (the evaluation list), 'all', or 2,3,41,...")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method (default 1)")
@@ -568,6 +569,8 @@ def main(argv=None) -> int:
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     parser.add_argument("--report", help="markdown file whose <!-- benchmark:begin/end --> block gets the tables")
     parser.add_argument("--force", action="store_true", help="recompute cached (method, pair) results")
+    parser.add_argument("--plot", action="append", default=None, metavar="NAME",
+                        help="methods shown in the figures (repeatable; default: all)")
     args = parser.parse_args(argv)
     if args.worker:
         return run_worker(json.loads(Path(args.worker).read_text()))
@@ -601,9 +604,11 @@ def main(argv=None) -> int:
         if not Path(path).is_file():
             raise SystemExit(f"InverseNet model not found: {path}")
         methods.append((name, "inversenet", {"path": str(Path(path).resolve()), "device": args.device}))
-    if args.refine:
-        first = next(m for m in methods if m[1] == "inversenet")
-        methods.append((f"{first[0]} + refine {args.refine}", "inversenet", {**first[2], "refine": args.refine}))
+    first = next(m for m in methods if m[1] == "inversenet")
+    for steps in args.refine or []:
+        if steps <= 0:
+            raise SystemExit(f"--refine needs a positive number of steps, got {steps}")
+        methods.append((f"{first[0]} + refine {steps}", "inversenet", {**first[2], "refine": steps}))
     vxm_entries = args.vxm or ["/work/runs/voxelmorph_2mm/model.pt"]
     if vxm_entries != ["none"]:
         for name, path in _named(vxm_entries, "VoxelMorph"):
@@ -617,6 +622,10 @@ def main(argv=None) -> int:
             methods.append((name.strip(), "ants", {"spec": spec.strip()}))
     reference = next((name for name, kind, extra in methods
                       if kind == "ants" and _parse_ants_spec(extra["spec"]) == {"type_of_transform": "SyN"}), None)
+
+    unknown = sorted(set(args.plot or []) - {name for name, _, _ in methods})
+    if unknown:
+        raise SystemExit(f"--plot names no method of this run: {unknown}; methods: {[m[0] for m in methods]}")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -657,7 +666,7 @@ def main(argv=None) -> int:
                "methods": [{"name": n, "kind": k, **e} for n, k, e in methods], "results": results}
     (out / "benchmark.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "benchmark_table.md").write_text(table + "\n")
-    written = figures(results, method_names, subjects, out, Path(args.figures), labels)
+    written = figures(results, args.plot or method_names, subjects, out, Path(args.figures), labels)
     print(table)
     print("figures:", *written)
     if args.report:
