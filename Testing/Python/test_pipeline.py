@@ -27,7 +27,7 @@ from InverseRegLib.pipeline import Cancelled, _compose_with_affine, model_geomet
 from inversereg_testlib import geometry_equal, oblique_geometry, small_model, trained_model_path
 
 REPORT_KEYS = {"device", "model_id", "model_path", "preset", "affine", "refine_steps", "seconds_affine",
-               "seconds_network", "seconds_to_fields", "folding_percent_forward", "folding_percent_backward",
+               "seconds_network", "seconds_to_fields", "seconds_to_warped", "folding_percent_forward", "folding_percent_backward",
                "folding_percent_forward_foreground", "folding_percent_backward_foreground", "ice_mean_mm",
                "ice_p95_mm", "peak_memory_mb_process", "seconds_total"}
 LABEL_KEYS = {"labels", "dice_per_label", "dice_mean", "dice_per_label_backward", "dice_mean_backward", "bir",
