@@ -75,15 +75,16 @@ def _compose_with_affine(field_mm: torch.Tensor, model_grid: Geometry, output_gr
     return resample_field(field_mm, model_grid, output_grid, post=(matrix, matrix - np.eye(3), offset))
 
 
-def model_geometry(model: LoadedModel, fixed: sitk.Image) -> Geometry:
-    """The model grid centred on the fixed image's intensity centre (as in training)."""
+def model_geometry(model: LoadedModel, fixed: sitk.Image, normalized: np.ndarray | None = None) -> Geometry:
+    """The model grid centred on the fixed image's intensity centre (as in training);
+    ``normalized``: the fixed image's array already through ``normalize`` (saves recomputing it)."""
     spec = model.grid
-    return centered_grid(spec.size, spec.spacing, spec.direction, intensity_center(fixed))
+    return centered_grid(spec.size, spec.spacing, spec.direction, intensity_center(fixed, normalized))
 
 
-def foreground_mask(image: sitk.Image, threshold: float = 0.1) -> np.ndarray:
+def foreground_mask(image: sitk.Image, threshold: float = 0.1, normalized: np.ndarray | None = None) -> np.ndarray:
     """Voxels brighter than ``threshold`` of the normalised range: the region metrics cover."""
-    return normalize(sitk.GetArrayViewFromImage(image)) > threshold
+    return (normalize(sitk.GetArrayViewFromImage(image)) if normalized is None else normalized) > threshold
 
 
 def run_network(model: LoadedModel, source: np.ndarray, target: np.ndarray, device: torch.device,
@@ -161,7 +162,9 @@ def register(
     report_progress(0.25, "resampling into the model grid")
 
     check_cancel()
-    geometry = model_geometry(model, fixed)
+    # the default normalisation of the full fixed image serves the grid centre and the QA mask
+    fixed_normalized = normalize(sitk.GetArrayViewFromImage(fixed))
+    geometry = model_geometry(model, fixed, fixed_normalized)
     target = normalize(sitk.GetArrayFromImage(resample_to(fixed, geometry)), model.normalization)
     source = normalize(sitk.GetArrayFromImage(resample_to(moving, geometry, transform)), model.normalization)
     report_progress(0.3, f"running the network on {device.type.upper()}")
@@ -187,7 +190,8 @@ def register(
     t_warped = time.perf_counter() - t_start
 
     report_progress(0.85, "measuring folding and inverse consistency")
-    fixed_mask = foreground_mask(fixed)
+    fixed_mask = foreground_mask(fixed, normalized=fixed_normalized)
+    del fixed_normalized
     moving_mask = foreground_mask(moving)
     det_forward = jacobian_determinant(forward, fixed_geometry)
     det_backward = jacobian_determinant(backward, moving_geometry)
