@@ -114,7 +114,7 @@ def cmd_train(args) -> int:
                          lr=args.lr, seed=args.seed, spacing=args.spacing, val_subjects=args.val,
                          val_every=args.val_every, checkpoint_every=args.checkpoint_every, augment=args.augment,
                          synth=args.synth, weights=weights, ncc_window=args.ncc_window, device=args.device,
-                         init=args.init)
+                         init=args.init, init_regrid=args.init_regrid)
     path = train(config, progress=not args.quiet, label_set=_labels_arg(args.labels), resume=args.resume)
     print(f"model written to {path}")
     return 0
@@ -214,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder")
     p.add_argument("--init", metavar="MODEL", help="start from this exported model's weights (fine-tune; "
                    "same preset and grid), with a fresh optimiser")
+    p.add_argument("--init-regrid", action="store_true",
+                   help="with --init: allow a model grid of another size or spacing (e.g. a 2 mm model "
+                        "fine-tuned at 1 mm on a GPU); its output layer is rescaled so that the initial "
+                        "fields keep their size in mm")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_common(p, model=False)

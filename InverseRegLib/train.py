@@ -53,9 +53,13 @@ class TrainConfig:
     ncc_window: int | None = None
     device: str = "auto"
     init: str | None = None  # an exported model file whose weights start the run (fine-tuning)
+    init_regrid: bool = False  # allow ``init`` from another model grid size/spacing (same axes)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+_CONFIG_DEFAULTS = TrainConfig(data_dir="", run_dir="").to_dict()
 
 
 def _distributed() -> tuple[int, int]:
@@ -91,27 +95,45 @@ def _truncate_log(path: Path, last_step: int) -> None:
     tmp.replace(path)
 
 
-def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry, normalization: dict) -> dict:
+def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry, normalization: dict,
+                     regrid: bool = False) -> dict:
     """Load an exported model's weights into ``network`` (a fresh optimiser follows); the model must
     have been trained with the same preset and model grid, else fine-tuning would silently change
-    what the weights mean."""
+    what the weights mean. With ``regrid`` the grid's size and spacing may differ (not its axes):
+    the network is fully convolutional, and its fields are in voxels of the model grid, so both
+    heads are rescaled by old / new spacing per axis to keep the initial fields' size in mm."""
     from .modelfile import load_model
 
     loaded = load_model(path)
     if loaded.preset.to_dict() != preset.to_dict():
         raise InverseRegError(f"--init: {path} was trained with another preset or loss weights "
                               f"({loaded.preset.name}); train with the same settings or start fresh")
-    if (tuple(loaded.grid.size) != tuple(geometry.size)
-            or not np.allclose(loaded.grid.spacing, geometry.spacing)):
+    same_grid = (tuple(loaded.grid.size) == tuple(geometry.size)
+                 and np.allclose(loaded.grid.spacing, geometry.spacing))
+    if not same_grid and not regrid:
         raise InverseRegError(f"--init: {path} has model grid {list(loaded.grid.size)} at "
                               f"{list(loaded.grid.spacing)} mm, this run uses {list(geometry.size)} at "
-                              f"{list(geometry.spacing)} mm")
+                              f"{list(geometry.spacing)} mm (add --init-regrid to fine-tune across grids)")
+    if not np.allclose(loaded.grid.direction, geometry.direction):
+        raise InverseRegError(f"--init: {path} has model grid axes {list(loaded.grid.direction)}, this run "
+                              f"{list(geometry.direction)}; its fields would point along other axes")
     if loaded.normalization != normalization:
         raise InverseRegError(f"--init: {path} uses another intensity normalisation ({loaded.normalization})")
-    network.load_state_dict(loaded.network.state_dict())
+    state = loaded.network.state_dict()
+    info = {}
+    if not same_grid:
+        # output channel c moves along grid axis c (x, y, z): a field of u voxels at the old spacing
+        # is u * old / new voxels at the new one
+        scale = torch.as_tensor(np.asarray(loaded.grid.spacing, dtype=np.float64)
+                                / np.asarray(geometry.spacing, dtype=np.float64), dtype=torch.float32)
+        for name in list(state):
+            if ".head." in f".{name}":
+                state[name] = state[name] * scale.view(-1, *([1] * (state[name].dim() - 1)))
+        info = {"init_regrid": {"from_size": list(loaded.grid.size), "from_spacing": list(loaded.grid.spacing)}}
+    network.load_state_dict(state)
     previous = loaded.training.get("steps")
     return {"init_model": Path(path).name, "init_model_id": loaded.model_id,
-            "init_steps": int(previous) if previous is not None else None}
+            "init_steps": int(previous) if previous is not None else None, **info}
 
 
 def validation_dice(network: InverseNet, images, labels, device, label_set=None) -> float | None:
@@ -157,8 +179,10 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
                                   "it may be from another program or damaged") from None
         saved = resume_state["config"]
         # the resumed run must be the same run; only the step budget may grow
-        for key in ("preset", "lr", "seed", "spacing", "augment", "synth", "weights", "ncc_window", "init"):
-            if saved.get(key) != config.to_dict().get(key):
+        for key in ("preset", "lr", "seed", "spacing", "augment", "synth", "weights", "ncc_window", "init",
+                    "init_regrid"):
+            # a setting added after the checkpoint was written counts as its default
+            if saved.get(key, _CONFIG_DEFAULTS.get(key)) != config.to_dict().get(key):
                 raise InverseRegError(f"--resume: '{key}' differs from the checkpointed run "
                                       f"({saved.get(key)!r} vs {config.to_dict().get(key)!r})")
     preset = get_preset(config.preset).with_weights(**config.weights)
@@ -181,7 +205,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
     start_step = 0
     init_info = {}
     if config.init and resume_state is None:
-        init_info = _initialise_from(network, config.init, preset, geometry, normalization)
+        init_info = _initialise_from(network, config.init, preset, geometry, normalization, config.init_regrid)
     elif config.init:
         init_info = resume_state.get("init_info", {})
     if resume_state is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -297,3 +298,40 @@ def test_init_starts_from_a_model_and_refuses_a_mismatched_one(short_run, data_d
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "another preset" in err[0]
     assert file_hashes(short_run) == before
+
+
+def test_init_regrid_fine_tunes_across_grids_with_rescaled_heads(short_run, data_dirs, tmp_path):
+    """``--init --init-regrid`` starts a run on another model grid (here 5 mm from a 10 mm model):
+    every weight is the source model's except the two heads, scaled by old / new spacing along the
+    output channel (channel c moves along grid axis c), so the initial fields keep their size in mm;
+    the run records where it came from. lr 0 keeps the loaded weights."""
+    run = tmp_path / "regrid"
+    assert main(["train", str(data_dirs["data3"]), "-o", str(run), "--steps", "1", "--spacing", "5", "--quiet",
+                 "--device", "cpu", "--lr", "0", "--init", str(short_run / "model.pt"), "--init-regrid"]) == 0
+    source, tuned = load_model(short_run / "model.pt"), load_model(run / "model.pt")
+    ratio = np.asarray(source.grid.spacing) / np.asarray(tuned.grid.spacing)
+    assert np.allclose(ratio, 2.0) and tuple(tuned.grid.size) != tuple(source.grid.size)
+    scaled = 0
+    tuned_state = tuned.network.state_dict()
+    for name, value in source.network.state_dict().items():
+        if ".head." in f".{name}":
+            factor = torch.as_tensor(ratio, dtype=value.dtype).view(-1, *([1] * (value.dim() - 1)))
+            assert torch.allclose(tuned_state[name], value * factor)
+            scaled += 1
+        else:
+            assert torch.equal(tuned_state[name], value), name
+    assert scaled == 4  # weight and bias of both decoders' heads
+    assert tuned.training["init_regrid"]["from_spacing"] == list(source.grid.spacing)
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_setting_existed(short_run, data_dirs, tmp_path):
+    """A checkpoint whose saved config lacks a setting added later (here ``init_regrid``) resumes as
+    if it had the default, instead of refusing as a different run."""
+    run = tmp_path / "old_run"
+    shutil.copytree(short_run, run)
+    state = torch.load(run / "checkpoint.pt", weights_only=True)
+    del state["config"]["init_regrid"]
+    torch.save(state, run / "checkpoint.pt")
+    assert main(train_args(data_dirs["data3"], run, STEPS + 1, "--lr", "1e-3", "--augment", "0", "--synth", "0",
+                           "--resume")) == 0
+    assert int(read_log(run)[-1]["step"]) == STEPS + 1
