@@ -44,15 +44,11 @@ class _Progress:
 
 
 def _labels_arg(text: str | None):
-    if text is None or text == "all":
-        return None
-    if text == "freesurfer":
-        from .metrics import FREESURFER_EVAL_LABELS
-        return list(FREESURFER_EVAL_LABELS)
+    from .metrics import resolve_labels
     try:
-        return [int(v) for v in text.replace(",", " ").split()]
-    except ValueError:
-        raise InverseRegError(f"--labels takes 'all', 'freesurfer' or numbers like 2,3,41, got {text!r}") from None
+        return resolve_labels(text)
+    except ValueError as error:
+        raise InverseRegError(f"--labels: {error}") from None
 
 
 def _affine_arg(args) -> str | None:

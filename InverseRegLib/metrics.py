@@ -13,6 +13,42 @@ FREESURFER_EVAL_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24,
                           41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60)
 
 
+def resolve_labels(labels) -> list[int] | None:
+    """The evaluation label set from what a caller gives: ``None`` or ``"all"`` (every label both
+    maps share: returns None), ``"freesurfer"`` (:data:`FREESURFER_EVAL_LABELS`), text such as
+    ``"2,3,41"``, or an iterable of whole numbers. Anything else raises ``ValueError`` naming it,
+    before any work is done (a string is otherwise iterable character by character)."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        text = labels.strip().lower()
+        if text == "all":
+            return None
+        if text == "freesurfer":
+            return list(FREESURFER_EVAL_LABELS)
+        parts = labels.replace(",", " ").split()
+    else:
+        try:
+            parts = list(labels)
+        except TypeError:
+            raise ValueError(f"labels must be 'all', 'freesurfer' or whole numbers like 2,3,41; "
+                             f"got {labels!r}") from None
+    resolved = []
+    for part in parts:
+        try:
+            value = int(part)
+            exact = float(part) == value if not isinstance(part, str) else True
+        except (TypeError, ValueError):
+            exact = False
+        if not exact or isinstance(part, bool) or value < 0:
+            raise ValueError(f"labels must be 'all', 'freesurfer' or whole numbers >= 0 like 2,3,41; "
+                             f"got {labels!r}")
+        resolved.append(value)
+    if not resolved:
+        raise ValueError(f"labels is empty ({labels!r}); pass None or 'all' for every shared label")
+    return list(dict.fromkeys(resolved))  # the caller's order, each label once
+
+
 def dice_per_label(warped: np.ndarray, target: np.ndarray, labels=None) -> dict[int, float]:
     """Dice 2|A∩B|/(|A|+|B|) for each label; ``labels`` defaults to those in ``target`` but 0.
     A label absent from both maps is skipped (Dice undefined)."""

@@ -28,7 +28,7 @@ from .fields import (affine_matrix, field_to_image, folding_percent, inverse_con
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
-from .metrics import bir, dice_per_label, restrict_labels
+from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
 
@@ -143,6 +143,10 @@ def register(
         raise InverseRegError(f"refine must be >= 0, got {refine}")
     if affine not in (None, "affine", "rigid"):
         raise InverseRegError(f"affine must be 'affine', 'rigid' or None, got {affine!r}")
+    try:
+        labels = resolve_labels(labels)
+    except ValueError as error:
+        raise InverseRegError(str(error)) from None
     device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -231,9 +235,9 @@ def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, movin
         raise InverseRegError("each label map must have the size of its image (fixed-seg with fixed, moving-seg with moving)")
     warped_moving = sitk.GetArrayFromImage(warp_image(sitk.Cast(moving_seg, sitk.sitkInt32), forward, fixed_geometry, nearest=True))
     warped_fixed = sitk.GetArrayFromImage(warp_image(sitk.Cast(fixed_seg, sitk.sitkInt32), backward, moving_geometry, nearest=True))
+    labels = resolve_labels(labels)
     if labels is None:
-        labels = sorted(set(np.unique(fixed_labels)) & set(np.unique(moving_labels)) - {0})
-    labels = [int(v) for v in labels]
+        labels = sorted(int(v) for v in set(np.unique(fixed_labels)) & set(np.unique(moving_labels)) - {0})
     forward_dice = dice_per_label(warped_moving, fixed_labels, labels)
     backward_dice = dice_per_label(warped_fixed, moving_labels, labels)
     # overlap before registration, in physical space (the grids may differ)

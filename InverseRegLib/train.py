@@ -97,17 +97,21 @@ def _truncate_log(path: Path, last_step: int) -> None:
 
 def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry, normalization: dict,
                      regrid: bool = False) -> dict:
-    """Load an exported model's weights into ``network`` (a fresh optimiser follows); the model must
-    have been trained with the same preset and model grid, else fine-tuning would silently change
-    what the weights mean. With ``regrid`` the grid's size and spacing may differ (not its axes):
-    the network is fully convolutional, and its fields are in voxels of the model grid, so both
-    heads are rescaled by old / new spacing per axis to keep the initial fields' size in mm."""
+    """Load an exported model's weights into ``network`` (a fresh optimiser follows).
+
+    The model must share the network settings of ``preset`` (field type, coupling, channels,
+    integration) and the model grid, else fine-tuning would silently change what the weights mean.
+    Loss weights and NCC window may differ: that changes the objective, not the meaning of the
+    weights, and the old ones are recorded. With ``regrid`` the grid's size and spacing may differ
+    (not its axes): the network is fully convolutional, and its fields are in voxels of the model
+    grid, so both heads are rescaled by old / new spacing per axis to keep the initial fields' size
+    in mm."""
     from .modelfile import load_model
 
     loaded = load_model(path)
-    if loaded.preset.to_dict() != preset.to_dict():
-        raise InverseRegError(f"--init: {path} was trained with another preset or loss weights "
-                              f"({loaded.preset.name}); train with the same settings or start fresh")
+    if _network_settings(loaded.preset) != _network_settings(preset):
+        raise InverseRegError(f"--init: {path} was trained with another preset ({loaded.preset.name}: "
+                              f"another network or field type); train with the same preset or start fresh")
     same_grid = (tuple(loaded.grid.size) == tuple(geometry.size)
                  and np.allclose(loaded.grid.spacing, geometry.spacing))
     if not same_grid and not regrid:
@@ -132,8 +136,23 @@ def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry,
         info = {"init_regrid": {"from_size": list(loaded.grid.size), "from_spacing": list(loaded.grid.spacing)}}
     network.load_state_dict(state)
     previous = loaded.training.get("steps")
+    if _loss_settings(loaded.preset) != _loss_settings(preset):
+        # same network, another objective (e.g. less smoothing): a legitimate fine-tune, on record
+        info["init_loss"] = _loss_settings(loaded.preset)
     return {"init_model": Path(path).name, "init_model_id": loaded.model_id,
             "init_steps": int(previous) if previous is not None else None, **info}
+
+
+#: preset fields that only enter the training objective: the weights mean the same without them
+_LOSS_FIELDS = ("name", "weights", "ncc_window")
+
+
+def _loss_settings(preset) -> dict:
+    return {key: value for key, value in preset.to_dict().items() if key in _LOSS_FIELDS[1:]}
+
+
+def _network_settings(preset) -> dict:
+    return {key: value for key, value in preset.to_dict().items() if key not in _LOSS_FIELDS}
 
 
 def validation_dice(network: InverseNet, images, labels, device, label_set=None) -> float | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from InverseRegLib.metrics import bir, dice_per_label, restrict_labels
+from InverseRegLib.metrics import FREESURFER_EVAL_LABELS, bir, dice_per_label, resolve_labels, restrict_labels
 
 #     warped          target
 #   1 1 0           1 0 0
@@ -63,3 +63,18 @@ def test_bir_can_be_negative_and_needs_a_labelled_target():
 def test_restrict_labels():
     assert np.array_equal(restrict_labels(TARGET, [2]), np.array([[0, 0, 0], [2, 2, 2]]))
     assert restrict_labels(TARGET, None) is TARGET
+
+
+def test_resolve_labels_accepts_names_text_and_numbers():
+    assert resolve_labels(None) is None and resolve_labels("all") is None
+    assert resolve_labels("FreeSurfer") == list(FREESURFER_EVAL_LABELS)
+    assert resolve_labels("2,41 4") == [2, 41, 4]
+    assert resolve_labels([2, 41, 2, np.int64(4)]) == [2, 41, 4]  # caller's order, once each
+    assert resolve_labels(np.array([3.0, 5.0])) == [3, 5]
+
+
+@pytest.mark.parametrize("bad", ["cortex", "2,x", [2.5], [-1], [True], [], 7])
+def test_resolve_labels_refuses_with_the_value(bad):
+    # a plain string used to be iterated character by character deep inside the label report
+    with pytest.raises(ValueError, match="labels"):
+        resolve_labels(bad)

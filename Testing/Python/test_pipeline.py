@@ -212,6 +212,8 @@ def test_cancel_and_bad_arguments(small_pair):
         register(fixed, moving, model, "cpu", None, refine=-1)
     with pytest.raises(InverseRegError, match="unknown device"):
         register(fixed, moving, model, "tpu", None)
+    with pytest.raises(InverseRegError, match="labels must be"):
+        register(fixed, moving, model, "cpu", None, labels="cortex")
     flat = sitk.Image(fixed)
     flat = flat * 0.0 + 1.0
     with pytest.raises(InverseRegError, match="constant"):

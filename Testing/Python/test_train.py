@@ -300,6 +300,23 @@ def test_init_starts_from_a_model_and_refuses_a_mismatched_one(short_run, data_d
     assert file_hashes(short_run) == before
 
 
+def test_init_with_other_loss_weights_is_a_recorded_fine_tune(short_run, data_dirs, tmp_path):
+    """Same network, another objective (less smoothing, another NCC window): accepted, and the
+    model file keeps both the new loss settings and the ones the weights came from."""
+    source = load_model(short_run / "model.pt")
+    run = tmp_path / "less_smooth"
+    assert main(train_args(data_dirs["data3"], run, 1, "--lr", "0", "--weight-smooth", "0.25",
+                           "--ncc-window", "5", "--init", short_run / "model.pt")) == 0
+    assert_same_weights(run / "model.pt", short_run / "model.pt")
+    tuned = load_model(run / "model.pt")
+    assert tuned.preset.weights["smooth"] == 0.25 and tuned.preset.ncc_window == 5
+    assert tuned.training["init_loss"] == {"weights": source.preset.weights,
+                                           "ncc_window": source.preset.ncc_window}
+    same = tmp_path / "same_loss"
+    assert main(train_args(data_dirs["data3"], same, 1, "--lr", "0", "--init", short_run / "model.pt")) == 0
+    assert "init_loss" not in load_model(same / "model.pt").training
+
+
 def test_init_regrid_fine_tunes_across_grids_with_rescaled_heads(short_run, data_dirs, tmp_path):
     """``--init --init-regrid`` starts a run on another model grid (here 5 mm from a 10 mm model):
     every weight is the source model's except the two heads, scaled by old / new spacing along the
