@@ -147,11 +147,9 @@ def _to_normalized(geometry: Geometry) -> np.ndarray:
 
 def _normalized_grid(points, geometry: Geometry, device) -> torch.Tensor:
     """Physical points (..., 3) -> grid_sample coordinates of ``geometry`` (align_corners=True)."""
-    k = _to_normalized(geometry)
-    k_t = torch.as_tensor(k.T, dtype=torch.float32, device=device)
     origin = torch.as_tensor(geometry.origin, dtype=torch.float32, device=device)
     points = torch.as_tensor(points, dtype=torch.float32, device=device)
-    return (points - origin) @ k_t - 1.0
+    return _times_transpose(points - origin, _to_normalized(geometry)) - 1.0
 
 
 def sample_grid(volume: torch.Tensor, geometry: Geometry, points,

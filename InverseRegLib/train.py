@@ -130,9 +130,11 @@ def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry,
         # is u * old / new voxels at the new one
         scale = torch.as_tensor(np.asarray(loaded.grid.spacing, dtype=np.float64)
                                 / np.asarray(geometry.spacing, dtype=np.float64), dtype=torch.float32)
-        for name in list(state):
-            if ".head." in f".{name}":
-                state[name] = state[name] * scale.view(-1, *([1] * (state[name].dim() - 1)))
+        # the two output convolutions, addressed as attributes so a renamed model fails loudly
+        heads = [f"{decoder}.head.{name}" for decoder in ("decoder_st", "decoder_ts")
+                 for name, _ in getattr(network, decoder).head.named_parameters()]
+        for key in heads:
+            state[key] = state[key] * scale.view(-1, *([1] * (state[key].dim() - 1)))
         info = {"init_regrid": {"from_size": list(loaded.grid.size), "from_spacing": list(loaded.grid.spacing)}}
     network.load_state_dict(state)
     previous = loaded.training.get("steps")

@@ -3,7 +3,7 @@
     inversereg evaluate ../shared/data/brains -o runs/card_eval --model Resources/InverseReg-default.pt \
         --subjects 11 12 --no-affine --labels freesurfer --device cpu
     python benchmarks/model_card.py --model Resources/InverseReg-default.pt --eval runs/card_eval \
-        --run runs/default_2mm --out Resources/InverseReg-default.md
+        --run runs/default_2mm --out Resources/InverseReg-default.md [--previous OLDER.pt ...]
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--command", default="", help="the training command, verbatim")
     parser.add_argument("--notes", default="", help="extra markdown appended at the end")
-    parser.add_argument("--previous", help="the model this one was fine-tuned from (--init), for the history")
+    parser.add_argument("--previous", action="append",
+                        help="a model this one descends from by --init, for the history; repeat, oldest first")
     args = parser.parse_args()
     model = load_model(args.model)
     summary = json.loads((Path(args.eval) / "summary.json").read_text())
@@ -40,16 +41,28 @@ def main() -> int:
     if args.run and (Path(args.run) / "val.csv").exists():
         rows = list(csv.DictReader((Path(args.run) / "val.csv").open()))
         val_curve = ", ".join(f"{r['step']}: {float(r['dice']):.3f}" for r in rows)
-    optimiser = f"Adam, lr {info.get('lr')}, batch 1, seed {info.get('seed')}"
-    steps = f"{info.get('steps')}"
-    hours = info.get("seconds", 0) / 3600
-    if info.get("init_steps") is not None:
-        steps = f"{info['init_steps'] + info['steps']}: {info['init_steps']} from scratch, then {info['steps']} fine-tuning"
-        if args.previous:
-            before = load_model(args.previous).training
-            optimiser = (f"Adam, batch 1; lr {before.get('lr')}, seed {before.get('seed')} from scratch; "
-                         f"then a fresh Adam, lr {info.get('lr')}, seed {info.get('seed')} (`--init`)")
-            hours += before.get("seconds", 0) / 3600
+    # the training history: every --init stage the weights went through, oldest first
+    chain = [load_model(path) for path in args.previous or []] + [model]
+    stages = [m.training for m in chain]
+    if stages[0].get("init_steps") is not None:  # a stage before the oldest file given
+        stages.insert(0, {"steps": stages[0]["init_steps"]})
+
+    def describe(stage: dict, loaded) -> str:
+        text = f"{stage.get('steps')} steps"
+        if stage.get("lr") is not None:
+            text += f" at lr {stage['lr']:g}, seed {stage.get('seed')}"
+        if loaded is not None:
+            text += f", loss {json.dumps(loaded.preset.weights)} / NCC window {loaded.preset.ncc_window}"
+        return text
+
+    files = [None] * (len(stages) - len(chain)) + chain
+    parts = [describe(stage, loaded) for stage, loaded in zip(stages, files)]
+    optimiser = (f"Adam, batch 1, lr {info.get('lr')}, seed {info.get('seed')}" if len(parts) == 1 else
+                 "Adam, batch 1; a fresh Adam per stage (`--init`): " + "; then ".join(parts))
+    steps = str(sum(int(stage.get("steps") or 0) for stage in stages))
+    if len(stages) > 1:
+        steps += f" in {len(stages)} stages (" + " + ".join(str(stage.get("steps")) for stage in stages) + ")"
+    hours = sum(stage.get("seconds", 0) for stage in stages) / 3600
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     text = f"""# Model card: InverseReg-default
