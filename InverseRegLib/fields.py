@@ -46,6 +46,15 @@ def physical_points(geometry: Geometry, device="cpu") -> torch.Tensor:
     return index_affine(geometry, geometry.index_to_physical, geometry.origin, device)
 
 
+def _z_slabs(geometry: Geometry):
+    """``(z0, z1)`` ranges of whole z-slices holding about ``_CHUNK`` voxels each (at least one
+    slice): the unit of work that bounds peak memory on large grids."""
+    nx, ny, nz = geometry.size
+    rows = max(1, _CHUNK // max(nx * ny, 1))
+    for z0 in range(0, nz, rows):
+        yield z0, min(nz, z0 + rows)
+
+
 def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometry: Geometry,
                    pre: tuple[np.ndarray, np.ndarray] | None = None,
                    post: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
@@ -72,9 +81,7 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
     out_t = torch.from_numpy(out)
     volume = field.float()
     separable = _is_diagonal(grid_matrix)
-    rows = max(1, _CHUNK // max(nx * ny, 1))
-    for z0 in range(0, nz, rows):
-        z1 = min(nz, z0 + rows)
+    for z0, z1 in _z_slabs(output_geometry):
         if separable:
             values = _sample_axis_aligned(volume, field_geometry.size, np.diag(grid_matrix), grid_offset,
                                           (nx, ny), (z0, z1))
@@ -247,9 +254,7 @@ def warp_image(moving: sitk.Image, displacement, geometry: Geometry,
     volume = torch.from_numpy(array.astype(np.float32, copy=False))[None, None].to(device)
     nx, ny, nz = geometry.size
     values = np.empty(geometry.array_shape, dtype=np.float32)
-    rows = max(1, _CHUNK // max(nx * ny, 1))
-    for z0 in range(0, nz, rows):
-        z1 = min(nz, z0 + rows)
+    for z0, z1 in _z_slabs(geometry):
         grid = index_affine(geometry, grid_matrix, grid_offset, device, (z0, z1))
         grid += _times_transpose(displacement[z0:z1], k)
         sampled = _sample_normalized(volume, grid, moving_geometry, "nearest" if nearest else "bilinear", "itk")
