@@ -98,7 +98,14 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
     return out
 
 
-def _is_diagonal(matrix: np.ndarray, tolerance: float = 1e-9) -> bool:
+#: off-diagonal entries up to this fraction of the largest entry count as zero: ITK's own direction
+#: tolerance (ImageToImageFilter::DirectionTolerance), so directions read from float32 headers
+#: (NIfTI quaternions) still take the axis-aligned paths. On a 256-voxel grid it moves a sampling
+#: point by at most ~1e-4 voxel.
+DIAGONAL_TOLERANCE = 1e-6
+
+
+def _is_diagonal(matrix: np.ndarray, tolerance: float = DIAGONAL_TOLERANCE) -> bool:
     off_diagonal = matrix - np.diag(np.diag(matrix))
     return float(np.abs(off_diagonal).max()) <= tolerance * float(np.abs(matrix).max())
 
