@@ -73,7 +73,8 @@ def cmd_register(args) -> int:
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
-                          fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress)
+                          fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress,
+                          **({} if args.passes is None else {"passes": args.passes}))
     finally:
         progress.close()
     written = write_result(result, args.output, inputs)
@@ -128,7 +129,7 @@ def cmd_evaluate(args) -> int:
 
     try:
         summary = evaluate_folder(args.data_dir, args.output, args.model, args.device, _affine_arg(args),
-                                  args.refine, _labels_arg(args.labels), args.subjects, on_pair)
+                                  args.refine, _labels_arg(args.labels), args.subjects, on_pair, args.passes)
     finally:
         bar.close()
     print(json.dumps(summary, indent=2))
@@ -176,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-alignment before the deformable network (default affine)")
         p.add_argument("--no-affine", action="store_true", help="same as --affine none: images already aligned")
         p.add_argument("--refine", type=int, default=0, metavar="N", help="N steps of instance optimisation")
+        p.add_argument("--passes", type=int, metavar="N",
+                       help="network passes, each on the moving image warped so far (default: the library's)")
         p.add_argument("--labels", help="labels to evaluate: all (default), freesurfer, or a list like 2,3,41")
 
     p = sub.add_parser("register", help="register a pair; writes forward/backward fields, warped images, report")

@@ -31,8 +31,12 @@ from .intensity import normalize
 from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
+from .warp import compose, warp
 
 Progress = Callable[[float, str], None]
+
+#: network passes per registration (see :func:`run_network`); measured in docs/benchmark.md
+DEFAULT_PASSES = 2
 
 
 class Cancelled(InverseRegError):
@@ -88,22 +92,43 @@ def foreground_mask(image: sitk.Image, threshold: float = 0.1, normalized: np.nd
 
 
 def run_network(model: LoadedModel, source: np.ndarray, target: np.ndarray, device: torch.device,
-                refine: int = 0, progress: Progress | None = None, cancel=None):
-    """φST and φTS displacement fields (1, 3, D, H, W) in voxels of the model grid."""
+                refine: int = 0, progress: Progress | None = None, cancel=None, passes: int = 1):
+    """φST and φTS displacement fields (1, 3, D, H, W) in voxels of the model grid.
+
+    ``passes`` > 1 runs the network again on the source warped by the fields so far and composes
+    the result (a cascade, as recursive cascaded networks do, with the one trained network): the
+    forward field becomes φST∘φ' and the backward one φ'⁻¹∘φTS, so a symmetric model's pair stays
+    inverse to each other and diffeomorphic. ``refine`` polishes the last pass.
+    """
     network = model.network.to(device)
     src = torch.from_numpy(source)[None, None].to(device)
     tgt = torch.from_numpy(target)[None, None].to(device)
-    if device.type == "cpu":
+    channels_last = device.type == "cpu"
+    if channels_last:
         # oneDNN's 3D convolutions are faster on channels-last tensors (about 7 % for the bundled
         # model on 2 threads); the fields agree with the default layout to ~1e-6 voxel
         network = network.to(memory_format=torch.channels_last_3d)
         src, tgt = (t.contiguous(memory_format=torch.channels_last_3d) for t in (src, tgt))
+    u_st = u_ts = None
+    moved = src
     try:
-        with torch.no_grad():
-            u_st, u_ts, _ = network(src, tgt)
-        if refine > 0:
-            from .refine import refine_fields
-            u_st, u_ts = refine_fields(network, src, tgt, steps=refine, progress=progress, cancel=cancel)
+        for index in range(passes):
+            last = index == passes - 1
+            if last and refine > 0:
+                from .refine import refine_fields
+                step_st, step_ts = refine_fields(network, moved, tgt, steps=refine, progress=progress, cancel=cancel)
+            else:
+                with torch.no_grad():
+                    step_st, step_ts, _ = network(moved, tgt)
+            with torch.no_grad():
+                if u_st is None:
+                    u_st, u_ts = step_st, step_ts
+                else:
+                    u_st, u_ts = compose(u_st, step_st), compose(step_ts, u_ts)
+                if not last:
+                    moved = warp(src, u_st)
+                    if channels_last:
+                        moved = moved.contiguous(memory_format=torch.channels_last_3d)
     except torch.cuda.OutOfMemoryError:
         raise InverseRegError("out of GPU memory while running the network; rerun with device 'cpu'") from None
     if device.type == "cuda":
@@ -123,11 +148,13 @@ def register(
     labels=None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    passes: int = DEFAULT_PASSES,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving`` with one network pass.
 
     ``affine`` is ``"affine"``, ``"rigid"`` or ``None`` (images already aligned). ``refine`` adds
-    that many steps of instance optimisation. Label maps, if given, add Dice per label (both
+    that many steps of instance optimisation. ``passes`` runs the network that many times, each on
+    the moving image warped by the fields so far (see :func:`run_network`). Label maps, if given, add Dice per label (both
     directions) and BIR to the report, over ``labels`` (default: labels present in the target).
     """
     t_start = time.perf_counter()
@@ -141,6 +168,8 @@ def register(
     moving = sitk.Cast(validate_image(moving, "moving image"), sitk.sitkFloat32)
     if refine < 0:
         raise InverseRegError(f"refine must be >= 0, got {refine}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise InverseRegError(f"passes must be a whole number >= 1, got {passes!r}")
     if affine not in (None, "affine", "rigid"):
         raise InverseRegError(f"affine must be 'affine', 'rigid' or None, got {affine!r}")
     try:
@@ -174,7 +203,7 @@ def register(
     report_progress(0.3, f"running the network on {device.type.upper()}")
     t0 = time.perf_counter()
     u_st, u_ts = run_network(model, source, target, device, refine,
-                             lambda f, m: report_progress(0.3 + 0.3 * f, m), cancel)
+                             lambda f, m: report_progress(0.3 + 0.3 * f, m), cancel, passes)
     t_network = time.perf_counter() - t0
     check_cancel()
     report_progress(0.6, "bringing the fields back to the original grids")
@@ -207,6 +236,7 @@ def register(
         "preset": model.preset.name,
         "affine": affine,
         "refine_steps": int(refine),
+        "passes": int(passes),
         "seconds_affine": round(t_affine, 3),
         "seconds_network": round(t_network, 3),
         "seconds_to_fields": round(t_fields, 3),

@@ -24,6 +24,8 @@ representation:
 * InverseNet: ``InverseRegLib.pipeline.register(fixed, moving, model, affine=None)`` (the data are
   pre-aligned); its own report's ``seconds_network`` / ``seconds_to_fields`` are kept as well;
   ``--refine N`` (repeatable) adds a row for the first model with N steps of instance optimisation;
+  ``--passes N`` (repeatable) a row for the first model with N network passes instead of the
+  library's default, and ``--passes-for NAME=N`` sets the passes of one named model row;
 * VoxelMorph (trained by ``benchmarks/train_voxelmorph.py``): run twice, moving -> fixed and
   fixed -> moving; each 2 mm model-grid field is resampled in physical space onto the 1 mm grid;
 * ANTs (``antspyx``): one ``ants.registration`` gives both directions; its transform lists
@@ -102,7 +104,8 @@ def _register_inversenet(job, fixed_path, moving_path, timing):
     timing["rss_before_mb"] = _rss_mb()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     result = register(fixed, moving, model, device=job.get("device", "cpu"), affine=None,
-                      refine=int(job.get("refine", 0)))
+                      refine=int(job.get("refine", 0)),
+                      **({"passes": int(job["passes"])} if job.get("passes") else {}))
     timing["seconds_both_directions"] = time.perf_counter() - t0
     timing["cpu_seconds"] = _cpu_seconds() - cpu0
     report = result.report
@@ -569,6 +572,10 @@ def main(argv=None) -> int:
     parser.add_argument("--refine", type=int, action="append", default=None, metavar="N",
                         help="add a row: the first InverseNet model with N steps of instance optimisation "
                              "(repeatable: one row per N)")
+    parser.add_argument("--passes", type=int, action="append", default=None, metavar="N",
+                        help="add a row: the first InverseNet model with N network passes (repeatable)")
+    parser.add_argument("--passes-for", action="append", default=None, metavar="NAME=N",
+                        help="run the InverseNet row NAME with N network passes (default: the library's)")
     parser.add_argument("--no-identity", action="store_true", help="leave out the affine-only starting point")
     parser.add_argument("--labels", default="freesurfer", help="'freesurfer' (the evaluation list), 'all', or 2,3,41,...")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method (default 1)")
@@ -586,7 +593,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from InverseRegLib.data import discover_subjects
-    from InverseRegLib.metrics import FREESURFER_EVAL_LABELS
+    from InverseRegLib.metrics import resolve_labels
 
     subjects = {s.name: s for s in discover_subjects(args.data) if s.label is not None}
     chosen = sorted(subjects) if args.subjects in (["all"], []) else args.subjects
@@ -596,15 +603,13 @@ def main(argv=None) -> int:
     pairs = [(f, m) for f in chosen for m in chosen if f != m]
     if args.pairs:
         pairs = pairs[: args.pairs]
-    if args.labels == "freesurfer":
-        labels = list(FREESURFER_EVAL_LABELS)
-    elif args.labels == "all":
+    if args.labels == "all":
         import numpy as np
         import SimpleITK as sitk
         labels = sorted(set.intersection(*[set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(subjects[s].label)))).tolist())
                                            for s in chosen]) - {0})
     else:
-        labels = [int(v) for v in args.labels.replace(",", " ").split()]
+        labels = resolve_labels(args.labels)
 
     methods: list[tuple[str, str, dict]] = []  # (name, kind, extra job fields)
     if not args.no_identity:
@@ -613,7 +618,18 @@ def main(argv=None) -> int:
         if not Path(path).is_file():
             raise SystemExit(f"InverseNet model not found: {path}")
         methods.append((name, "inversenet", {"path": str(Path(path).resolve()), "device": args.device}))
+    for entry in args.passes_for or []:
+        name, _, count = entry.rpartition("=")
+        row = next((m for m in methods if m[0] == name and m[1] == "inversenet"), None)
+        if row is None or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--passes-for needs NAME=N with an InverseNet row's name and N >= 1, got {entry!r}")
+        row[2]["passes"] = int(count)
     first = next(m for m in methods if m[1] == "inversenet")
+    for count in args.passes or []:
+        if count < 1:
+            raise SystemExit(f"--passes needs N >= 1, got {count}")
+        methods.append((f"{first[0]}, {count} pass{'es' if count > 1 else ''}", "inversenet",
+                        {**first[2], "passes": count}))
     for steps in args.refine or []:
         if steps <= 0:
             raise SystemExit(f"--refine needs a positive number of steps, got {steps}")

@@ -192,7 +192,7 @@ def test_register_progress_json_and_outputs(capsys, inputs, tmp_path):
     before = file_hashes(inputs["folder"])
     outdir = tmp_path / "out"
     args = register_args(inputs, outdir, None, None, None, "--fixed-seg", inputs["fixed_seg.nii.gz"],
-                         "--moving-seg", inputs["moving_seg.nii.gz"])
+                         "--moving-seg", inputs["moving_seg.nii.gz"], "--passes", "2")
     args[args.index("--progress") + 1] = "json"
     code, out, err = run(capsys, args)
     assert code == 0, err
@@ -205,6 +205,7 @@ def test_register_progress_json_and_outputs(capsys, inputs, tmp_path):
     assert Path(done["outdir"]) == outdir.resolve()
     assert json.loads((outdir / "report.json").read_text()) == done["report"]
     assert done["report"]["dice_mean"] is not None and done["report"]["affine"] is None
+    assert done["report"]["passes"] == 2
     written = sorted(p.name for p in outdir.iterdir())
     assert written == sorted(["forward.nii.gz", "backward.nii.gz", "moving_warped.nii.gz", "fixed_warped.nii.gz",
                               "report.json"])

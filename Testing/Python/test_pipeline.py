@@ -124,16 +124,18 @@ def translation_model(preset: str, voxels) -> "LoadedModel":  # noqa: F821
     return model
 
 
+@pytest.mark.parametrize("passes", [1, 2])
 @pytest.mark.parametrize("preset", ["paper", "default"])
-def test_a_constant_network_field_becomes_the_physical_translation(small_pair, preset):
+def test_a_constant_network_field_becomes_the_physical_translation(small_pair, preset, passes):
     """Voxel channel c of the model grid is its index axis c: with the model grid's direction
     diag(-1, -1, 1) and 5 mm spacing, (1, 0.5, -0.4) voxels are (-5, -2.5, -2) mm LPS, whatever
-    grid the moving image is on; the backward field is the exact opposite."""
+    grid the moving image is on; the backward field is the exact opposite. Each further pass
+    adds the same translation once more."""
     fixed, moving, _, _, _ = small_pair
     moving = onto(moving, OBLIQUE)
     model = translation_model(preset, [1.0, 0.5, -0.4])
-    expected = np.array([-5.0, -2.5, -2.0])
-    result = register(fixed, moving, model, "cpu", None)
+    expected = passes * np.array([-5.0, -2.5, -2.0])
+    result = register(fixed, moving, model, "cpu", None, passes=passes)
     forward = sitk.GetArrayFromImage(result.forward)
     backward = sitk.GetArrayFromImage(result.backward)
     assert np.abs(forward - expected).max() < 1e-4
