@@ -3,7 +3,7 @@
 Two images in, two transforms out::
 
     fixed, moving (any 3D grids) --affine pre-alignment (optional)--> model grid (physical space)
-      --network (+ optional refinement)--> φST, φTS on the model grid (voxels)
+      --network, 2 passes by default (+ optional refinement)--> φST, φTS on the model grid (voxels)
       --> forward field on the fixed grid, backward field on the moving grid (LPS mm, ITK files)
 
 The forward field composes the deformable part with the affine, so that one file maps fixed-space
