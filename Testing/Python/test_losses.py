@@ -86,11 +86,11 @@ def _loss_inputs(seed=0):
 def test_identity_fields_have_zero_cycle_and_smoothness():
     source, target = texture(0), texture(1)
     zero = torch.zeros(1, 3, *SHAPE)
-    total, parts = registration_loss(source, target, zero, zero, {"raw_st": zero, "raw_ts": zero},
-                                     get_preset("default"))
+    preset = get_preset("default")
+    total, parts = registration_loss(source, target, zero, zero, {"raw_st": zero, "raw_ts": zero}, preset)
     assert parts["cycle"] == pytest.approx(0.0, abs=1e-6)
     assert parts["smooth"] == 0.0
-    assert parts["ncc_st"] == pytest.approx(local_ncc(source, target).item(), abs=1e-5)
+    assert parts["ncc_st"] == pytest.approx(local_ncc(source, target, preset.ncc_window).item(), abs=1e-5)
 
 
 def test_registration_loss_combines_the_terms_with_the_given_weights():
@@ -107,7 +107,9 @@ def test_registration_loss_combines_the_terms_with_the_given_weights():
                                             rel=1e-5)
     # the preset's own weights are used when none are passed
     _, default_parts = registration_loss(source, target, u_st, u_ts, aux, preset)
-    default_expected = -(parts["ncc_st"] + parts["ncc_ts"]) + parts["cycle"] + parts["smooth"]
+    w = preset.weights
+    default_expected = (-w["ncc"] * (parts["ncc_st"] + parts["ncc_ts"]) + w["cycle"] * parts["cycle"]
+                        + w["smooth"] * parts["smooth"])
     assert default_parts["loss"] == pytest.approx(default_expected, rel=1e-5)
 
 

@@ -270,22 +270,26 @@ def test_refinement_through_the_pipeline(small_pair):
 @pytest.fixture(scope="module")
 def trained_registration():
     """The bundled model (or $INVERSEREG_TEST_MODEL) on a brain-sized phantom pair with a known
-    deformation, no affine pre-alignment (the pair is aligned)."""
+    deformation, no affine pre-alignment (the pair is aligned): one network pass, and the default
+    (two passes)."""
     path = trained_model_path()
     from InverseRegLib.synthetic import make_pair
     fixed, moving, fixed_seg, moving_seg, true_forward = make_pair(size=(96, 112, 96), spacing=(1.7, 1.7, 1.7),
                                                                    seed=0, return_field=True)
-    result = register(fixed, moving, load_model(path), "cpu", None, 0, fixed_seg, moving_seg)
-    return fixed, moving, fixed_seg, true_forward, result
+    model = load_model(path)
+    one_pass = register(fixed, moving, model, "cpu", None, 0, fixed_seg, moving_seg, passes=1)
+    default = register(fixed, moving, model, "cpu", None, 0, fixed_seg, moving_seg)
+    return fixed, moving, fixed_seg, true_forward, one_pass, default
 
 
 @pytest.mark.slow
 def test_trained_model_improves_dice_and_recovers_the_field(trained_registration):
-    fixed, moving, fixed_seg, true_forward, result = trained_registration
+    """One pass: the network's own estimate of a known smooth deformation."""
+    fixed, moving, fixed_seg, true_forward, result, _ = trained_registration
     check_outputs(result, fixed, moving)
     report = result.report
-    # measured: bundled model (900 steps) Dice 0.751 -> 0.843, mean field error 2.42 mm vs 2.74 mm
-    # for zero displacement; the 200-step snapshot: Dice 0.751 -> 0.808, error 2.53 mm
+    # measured, bundled model 261222c5a5ec: Dice 0.751 -> 0.819, mean field error 2.31 mm vs 2.74 mm
+    # for zero displacement (the previous model 6c69cabad929: 0.835, 2.16 mm)
     assert report["dice_mean"] > report["dice_mean_before"] + 0.03
     assert report["dice_mean_backward"] > report["dice_mean_before"] + 0.03
     brain = sitk.GetArrayFromImage(fixed_seg) > 0
@@ -298,8 +302,21 @@ def test_trained_model_improves_dice_and_recovers_the_field(trained_registration
 
 
 @pytest.mark.slow
+def test_second_pass_raises_dice_on_the_phantom(trained_registration):
+    """The default second pass aligns the labels better (measured 0.819 -> 0.850). It does not
+    bring the field closer to the phantom's known smooth one (2.31 -> 2.62 mm mean error, in
+    texture-poor regions): what it adds is alignment of edges, which is what Dice measures."""
+    _, _, _, _, one_pass, default = trained_registration
+    assert default.report["passes"] == 2
+    assert default.report["dice_mean"] > one_pass.report["dice_mean"] + 0.01
+    assert default.report["dice_mean_backward"] > one_pass.report["dice_mean_backward"] + 0.01
+
+
+@pytest.mark.slow
 def test_trained_model_is_inverse_consistent_and_folding_free(trained_registration):
-    report = trained_registration[-1].report
-    assert report["ice_mean_mm"] < 0.1 and report["ice_p95_mm"] < 0.3  # measured 0.042 / 0.138 mm
-    assert report["folding_percent_forward_foreground"] == 0.0
-    assert report["folding_percent_backward_foreground"] == 0.0
+    for result in trained_registration[-2:]:
+        report = result.report
+        # measured 0.059 / 0.180 mm with one pass, 0.076 / 0.205 mm with two
+        assert report["ice_mean_mm"] < 0.1 and report["ice_p95_mm"] < 0.3
+        assert report["folding_percent_forward_foreground"] == 0.0
+        assert report["folding_percent_backward_foreground"] == 0.0

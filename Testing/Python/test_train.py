@@ -306,10 +306,10 @@ def test_init_with_other_loss_weights_is_a_recorded_fine_tune(short_run, data_di
     source = load_model(short_run / "model.pt")
     run = tmp_path / "less_smooth"
     assert main(train_args(data_dirs["data3"], run, 1, "--lr", "0", "--weight-smooth", "0.25",
-                           "--ncc-window", "5", "--init", short_run / "model.pt")) == 0
+                           "--ncc-window", "7", "--init", short_run / "model.pt")) == 0
     assert_same_weights(run / "model.pt", short_run / "model.pt")
     tuned = load_model(run / "model.pt")
-    assert tuned.preset.weights["smooth"] == 0.25 and tuned.preset.ncc_window == 5
+    assert tuned.preset.weights["smooth"] == 0.25 and tuned.preset.ncc_window == 7
     assert tuned.training["init_loss"] == {"weights": source.preset.weights,
                                            "ncc_window": source.preset.ncc_window}
     same = tmp_path / "same_loss"
