@@ -52,6 +52,8 @@ class InverseRegParameterNode:
     movingVolume: vtkMRMLScalarVolumeNode
     affine: Annotated[str, Choice(["affine", "rigid", "none"])] = "affine"
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    # the library's default (InverseRegLib.pipeline.DEFAULT_PASSES); not imported at module load
+    networkPasses: Annotated[int, WithinRange(1, 5)] = 2
     refineSteps: Annotated[int, WithinRange(0, 500)] = 0
     modelPath: str = ""
     forwardTransform: vtkMRMLGridTransformNode
@@ -342,6 +344,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         python = self.pythonSlicerExecutable()
         command = [python, "-m", "InverseRegLib", "register", inputs["fixed"], inputs["moving"], "-o", outputDir,
                    "--device", parameters.device, "--affine", parameters.affine,
+                   "--passes", str(int(parameters.networkPasses)),
                    "--refine", str(int(parameters.refineSteps)), "--progress", "json"]
         if parameters.modelPath:
             command += ["--model", parameters.modelPath]

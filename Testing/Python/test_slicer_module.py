@@ -112,3 +112,31 @@ def test_extension_metadata_is_filled():
         assert s4ext.get(key, "").strip(), key
     assert (ROOT / "Resources" / "Icons" / "InverseReg.png").exists()
     assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in MODULE_CMAKE.read_text()
+
+
+def _parameter_default(name: str):
+    tree = ast.parse(MODULE.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "InverseRegParameterNode")
+    field = next(n for n in node.body if isinstance(n, ast.AnnAssign) and n.target.id == name)
+    return ast.literal_eval(field.value)
+
+
+def test_network_passes_default_matches_the_library_and_the_ui():
+    from InverseRegLib.pipeline import DEFAULT_PASSES
+    assert _parameter_default("networkPasses") == DEFAULT_PASSES
+    spin = next(w for w in ET.parse(UI).iter("widget") if w.get("name") == "passesSpinBox")
+    value = next(p for p in spin.findall("property") if p.get("name") == "value")
+    assert int(value.find("number").text) == DEFAULT_PASSES
+
+
+def test_every_option_the_module_passes_is_a_register_option():
+    """The module runs ``python -m InverseRegLib register ...``: each ``--option`` it writes must
+    be one the CLI's register command accepts."""
+    from InverseRegLib.cli import build_parser
+    source = MODULE.read_text()
+    body = source[source.index("def buildCommand"):source.index("return command", source.index("def buildCommand"))]
+    options = set(re.findall(r'"(--[a-z-]+)"', body))
+    assert {"--passes", "--refine", "--affine", "--device", "--model"} <= options
+    register = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "register")[1]
+    accepted = {s for action in register._actions for s in action.option_strings}
+    assert options - accepted == set()
