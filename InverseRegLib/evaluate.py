@@ -50,7 +50,9 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
             pair_callback(index + 1, len(pairs))
     _write_csv(outdir / "pairs.csv", PAIR_COLUMNS, rows)
     _write_csv(outdir / "labels.csv", ["fixed", "moving", "label", "dice", "dice_backward"], label_rows)
-    summary = {"pairs": len(rows), "model_id": model.model_id, "device": rows[0] and result.report["device"]}
+    summary = {"pairs": len(rows), "model_id": model.model_id, "device": rows[0] and result.report["device"],
+               "passes": result.report["passes"], "refine_steps": result.report["refine_steps"],
+               "affine": result.report["affine"]}
     for key in PAIR_COLUMNS[2:]:
         values = np.asarray([r[key] for r in rows if r[key] is not None], dtype=float)
         if values.size:

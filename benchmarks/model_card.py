@@ -63,6 +63,10 @@ def main() -> int:
     if len(stages) > 1:
         steps += f" in {len(stages)} stages (" + " + ".join(str(stage.get("steps")) for stage in stages) + ")"
     hours = sum(stage.get("seconds", 0) for stage in stages) / 3600
+    settings = ""
+    if "passes" in summary:
+        settings = (f"; {summary['passes']} network pass{'es' if summary['passes'] != 1 else ''}, "
+                    f"{summary.get('refine_steps', 0)} refinement steps")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     text = f"""# Model card: InverseReg-default
@@ -86,7 +90,7 @@ Training command:
 {args.command}
 ```
 
-## Validation (subjects {', '.join(info.get('val_subjects', []))}, all ordered pairs, full 1 mm resolution, through the written ITK fields)
+## Validation (subjects {', '.join(info.get('val_subjects', []))}, all ordered pairs, full 1 mm resolution, through the written ITK fields{settings})
 
 | measure | value |
 |---|---|

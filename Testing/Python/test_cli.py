@@ -240,6 +240,7 @@ def test_evaluate_folder(capsys, inputs, tmp_path):
     assert code == 0, err
     summary = json.loads((outdir / "summary.json").read_text())
     assert summary["pairs"] == 2 and "dice_mean" in summary
+    assert summary["passes"] == 2 and summary["refine_steps"] == 0 and summary["affine"] is None
     with (outdir / "pairs.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["fixed"], r["moving"]) for r in rows] == [("a", "b"), ("b", "a")]
