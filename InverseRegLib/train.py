@@ -54,6 +54,7 @@ class TrainConfig:
     device: str = "auto"
     init: str | None = None  # an exported model file whose weights start the run (fine-tuning)
     init_regrid: bool = False  # allow ``init`` from another model grid size/spacing (same axes)
+    cascade: float = 0.0  # probability of training on the source already warped by one no-grad pass
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -182,6 +183,10 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    for name in ("augment", "synth", "cascade"):
+        value = getattr(config, name)
+        if not 0.0 <= float(value) <= 1.0:
+            raise InverseRegError(f"--{name} is a probability between 0 and 1, got {value}")
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise InverseRegError(f"run folder path exists and is not a folder: {run_dir}")
@@ -201,7 +206,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         saved = resume_state["config"]
         # the resumed run must be the same run; only the step budget may grow
         for key in ("preset", "lr", "seed", "spacing", "augment", "synth", "weights", "ncc_window", "init",
-                    "init_regrid"):
+                    "init_regrid", "cascade"):
             # a setting added after the checkpoint was written counts as its default
             if saved.get(key, _CONFIG_DEFAULTS.get(key)) != config.to_dict().get(key):
                 raise InverseRegError(f"--resume: '{key}' differs from the checkpointed run "
@@ -244,6 +249,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         "data": str(config.data_dir), "train_subjects": [s.name for s in train_subjects],
         "val_subjects": [s.name for s in val_subjects], "lr": config.lr, "seed": config.seed,
         "device": device.type, "world_size": world, "augment": config.augment, "synth": config.synth,
+        **({"cascade": config.cascade} if config.cascade else {}),
         **init_info,
     }
     if rank == 0:
@@ -285,6 +291,12 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
                 target = augment_intensity(target, rng, normalization)
         source = source[None, None].to(device)
         target = target[None, None].to(device)
+        if config.cascade and rng.random() < config.cascade:
+            # what a second pass sees at registration (pipeline.run_network): the source after one
+            # pass of the current network, so the network also learns the small residual motions
+            with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                first, _, _ = network(source, target)
+            source = warp(source, first.float())
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             u_st, u_ts, aux = trainable(source, target)
         loss, parts = registration_loss(source, target, u_st.float(), u_ts.float(),

@@ -53,6 +53,8 @@ def main() -> int:
             text += f" at lr {stage['lr']:g}, seed {stage.get('seed')}"
         if loaded is not None:
             text += f", loss {json.dumps(loaded.preset.weights)} / NCC window {loaded.preset.ncc_window}"
+        if stage.get("cascade"):
+            text += f", cascade {stage['cascade']:g}"
         return text
 
     files = [None] * (len(stages) - len(chain)) + chain
@@ -63,6 +65,9 @@ def main() -> int:
     if len(stages) > 1:
         steps += f" in {len(stages)} stages (" + " + ".join(str(stage.get("steps")) for stage in stages) + ")"
     hours = sum(stage.get("seconds", 0) for stage in stages) / 3600
+    untimed = [str(k + 1) for k, stage in enumerate(stages) if "seconds" not in stage]
+    hours_text = f"{hours:.2f} h" + (f" (not counting stage {', '.join(untimed)}: its file records no time)"
+                                     if untimed else "")
     settings = ""
     if "passes" in summary:
         settings = (f"; {summary['passes']} network pass{'es' if summary['passes'] != 1 else ''}, "
@@ -82,7 +87,7 @@ def main() -> int:
 | augmentation | intensity (gamma, smooth bias, noise) with p={info.get('augment')} per image; label-synthesised random-contrast pairs with p={info.get('synth')} |
 | optimiser | {optimiser} |
 | steps | {steps} |
-| device | {info.get('device')} ({cpu}); training time {hours:.2f} h |
+| device | {info.get('device')} ({cpu}); training time {hours_text} |
 
 Training command:
 
