@@ -73,8 +73,7 @@ def cmd_register(args) -> int:
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
-                          fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress,
-                          **({} if args.passes is None else {"passes": args.passes}))
+                          fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes)
     finally:
         progress.close()
     written = write_result(result, args.output, inputs)

@@ -39,8 +39,7 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
     rows, label_rows = [], []
     for index, (fixed, moving) in enumerate(pairs):
         result = register(read_image(fixed.image), read_image(moving.image), model, device, affine, refine,
-                          read_label(fixed.label), read_label(moving.label), labels,
-                          **({} if passes is None else {"passes": passes}))
+                          read_label(fixed.label), read_label(moving.label), labels, passes=passes)
         report = result.report
         rows.append({"fixed": fixed.name, "moving": moving.name, **{k: report.get(k) for k in PAIR_COLUMNS[2:]}})
         for label, value in report["dice_per_label"].items():

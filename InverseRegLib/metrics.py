@@ -36,14 +36,13 @@ def resolve_labels(labels) -> list[int] | None:
     resolved = []
     for part in parts:
         try:
-            value = int(part)
-            exact = float(part) == value if not isinstance(part, str) else True
+            number = float(part)
         except (TypeError, ValueError):
-            exact = False
-        if not exact or isinstance(part, bool) or value < 0:
+            number = float("nan")  # not a number: refused below
+        if isinstance(part, bool) or not number.is_integer() or number < 0:
             raise ValueError(f"labels must be 'all', 'freesurfer' or whole numbers >= 0 like 2,3,41; "
                              f"got {labels!r}")
-        resolved.append(value)
+        resolved.append(int(number))
     if not resolved:
         raise ValueError(f"labels is empty ({labels!r}); pass None or 'all' for every shared label")
     return list(dict.fromkeys(resolved))  # the caller's order, each label once

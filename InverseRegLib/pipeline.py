@@ -148,14 +148,16 @@ def register(
     labels=None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
-    passes: int = DEFAULT_PASSES,
+    passes: int | None = None,
 ) -> RegistrationResult:
-    """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving`` with one network pass.
+    """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
+    same network passes.
 
     ``affine`` is ``"affine"``, ``"rigid"`` or ``None`` (images already aligned). ``refine`` adds
     that many steps of instance optimisation. ``passes`` runs the network that many times, each on
-    the moving image warped by the fields so far (see :func:`run_network`). Label maps, if given, add Dice per label (both
-    directions) and BIR to the report, over ``labels`` (default: labels present in the target).
+    the moving image warped by the fields so far (see :func:`run_network`; None: ``DEFAULT_PASSES``).
+    Label maps, if given, add Dice per label (both directions) and BIR to the report, over
+    ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share).
     """
     t_start = time.perf_counter()
     report_progress = progress or (lambda fraction, message: None)
@@ -168,6 +170,7 @@ def register(
     moving = sitk.Cast(validate_image(moving, "moving image"), sitk.sitkFloat32)
     if refine < 0:
         raise InverseRegError(f"refine must be >= 0, got {refine}")
+    passes = DEFAULT_PASSES if passes is None else passes
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise InverseRegError(f"passes must be a whole number >= 1, got {passes!r}")
     if affine not in (None, "affine", "rigid"):
@@ -265,8 +268,7 @@ def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, movin
         raise InverseRegError("each label map must have the size of its image (fixed-seg with fixed, moving-seg with moving)")
     warped_moving = sitk.GetArrayFromImage(warp_image(sitk.Cast(moving_seg, sitk.sitkInt32), forward, fixed_geometry, nearest=True))
     warped_fixed = sitk.GetArrayFromImage(warp_image(sitk.Cast(fixed_seg, sitk.sitkInt32), backward, moving_geometry, nearest=True))
-    labels = resolve_labels(labels)
-    if labels is None:
+    if labels is None:  # register() has resolved names such as 'freesurfer' already
         labels = sorted(int(v) for v in set(np.unique(fixed_labels)) & set(np.unique(moving_labels)) - {0})
     forward_dice = dice_per_label(warped_moving, fixed_labels, labels)
     backward_dice = dice_per_label(warped_fixed, moving_labels, labels)

@@ -146,16 +146,17 @@ def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry,
             "init_steps": int(previous) if previous is not None else None, **info}
 
 
-#: preset fields that only enter the training objective: the weights mean the same without them
-_LOSS_FIELDS = ("name", "weights", "ncc_window")
+#: preset fields that only enter the training objective: the network's weights mean the same
+#: whatever they are (a preset's name means nothing to the weights either)
+_LOSS_FIELDS = ("weights", "ncc_window")
 
 
 def _loss_settings(preset) -> dict:
-    return {key: value for key, value in preset.to_dict().items() if key in _LOSS_FIELDS[1:]}
+    return {key: value for key, value in preset.to_dict().items() if key in _LOSS_FIELDS}
 
 
 def _network_settings(preset) -> dict:
-    return {key: value for key, value in preset.to_dict().items() if key not in _LOSS_FIELDS}
+    return {key: value for key, value in preset.to_dict().items() if key not in (*_LOSS_FIELDS, "name")}
 
 
 def validation_dice(network: InverseNet, images, labels, device, label_set=None) -> float | None:

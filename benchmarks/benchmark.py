@@ -104,8 +104,7 @@ def _register_inversenet(job, fixed_path, moving_path, timing):
     timing["rss_before_mb"] = _rss_mb()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     result = register(fixed, moving, model, device=job.get("device", "cpu"), affine=None,
-                      refine=int(job.get("refine", 0)),
-                      **({"passes": int(job["passes"])} if job.get("passes") else {}))
+                      refine=int(job.get("refine", 0)), passes=job.get("passes"))
     timing["seconds_both_directions"] = time.perf_counter() - t0
     timing["cpu_seconds"] = _cpu_seconds() - cpu0
     report = result.report
