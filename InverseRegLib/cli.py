@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from .device import PRECISIONS
 from .errors import InverseRegError
 from .presets import PRESETS
 
@@ -73,7 +74,8 @@ def cmd_register(args) -> int:
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
-                          fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes)
+                          fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
+                          precision=args.precision)
     finally:
         progress.close()
     written = write_result(result, args.output, inputs)
@@ -128,7 +130,8 @@ def cmd_evaluate(args) -> int:
 
     try:
         summary = evaluate_folder(args.data_dir, args.output, args.model, args.device, _affine_arg(args),
-                                  args.refine, _labels_arg(args.labels), args.subjects, on_pair, args.passes)
+                                  args.refine, _labels_arg(args.labels), args.subjects, on_pair, args.passes,
+                                  args.precision)
     finally:
         bar.close()
     print(json.dumps(summary, indent=2))
@@ -171,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", help="model file (default: the bundled Resources/InverseReg-default.pt)")
         p.add_argument("--device", default="auto", help="auto (GPU if available), cpu or cuda")
 
+    def add_precision(p):
+        p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                       help="dtype of the network's convolutions: auto (bfloat16 on CPUs that compute it "
+                            "natively, else float32), float32 (bit-for-bit the trained network), bfloat16")
+
     def add_alignment(p):
         p.add_argument("--affine", choices=["affine", "rigid", "none"], default="affine",
                        help="pre-alignment before the deformable network (default affine)")
@@ -188,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_alignment(p)
     p.add_argument("--fixed-seg", help="label map of the fixed image (adds Dice and BIR to the report)")
     p.add_argument("--moving-seg", help="label map of the moving image")
+    add_precision(p)
     p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
     p.set_defaults(func=cmd_register)
 
@@ -230,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", help="restrict to these subject names")
     add_common(p)
     add_alignment(p)
+    add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("demo", help="register a built-in synthetic pair and draw overview.png")

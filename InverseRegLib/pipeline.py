@@ -12,6 +12,7 @@ backward one is ``backward(q) = A⁻¹(q) + d_TS(A⁻¹(q)) - q`` on the moving 
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -20,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .device import resolve_device
+from .device import resolve_device, resolve_precision
 from .errors import InverseRegError
 from .fields import (affine_matrix, field_to_image, folding_percent, inverse_consistency_error,
                      jacobian_determinant, resample_field, voxel_field_to_physical,
@@ -92,13 +93,18 @@ def foreground_mask(image: sitk.Image, threshold: float = 0.1, normalized: np.nd
 
 
 def run_network(model: LoadedModel, source: np.ndarray, target: np.ndarray, device: torch.device,
-                refine: int = 0, progress: Progress | None = None, cancel=None, passes: int = 1):
+                refine: int = 0, progress: Progress | None = None, cancel=None, passes: int = 1,
+                precision: torch.dtype = torch.float32):
     """φST and φTS displacement fields (1, 3, D, H, W) in voxels of the model grid.
 
     ``passes`` > 1 runs the network again on the source warped by the fields so far and composes
     the result (a cascade, as recursive cascaded networks do, with the one trained network): the
     forward field becomes φST∘φ' and the backward one φ'⁻¹∘φTS, so a symmetric model's pair stays
     inverse to each other and diffeomorphic. ``refine`` polishes the last pass.
+    ``progress(fraction, message)`` hears of every pass (and of every refinement step);
+    ``cancel()`` is asked before every pass and stops with :class:`Cancelled`. ``precision``:
+    the dtype of the network's convolutions in the plain passes (autocast; a refined pass runs in
+    float32); everything else is float32.
     """
     network = model.network.to(device)
     src = torch.from_numpy(source)[None, None].to(device)
@@ -114,11 +120,17 @@ def run_network(model: LoadedModel, source: np.ndarray, target: np.ndarray, devi
     try:
         for index in range(passes):
             last = index == passes - 1
+            if cancel is not None and cancel():
+                raise Cancelled(f"registration cancelled before network pass {index + 1} of {passes}")
+            if progress is not None:
+                progress(index / passes, f"network pass {index + 1} of {passes}")
             if last and refine > 0:
                 from .refine import refine_fields
-                step_st, step_ts = refine_fields(network, moved, tgt, steps=refine, progress=progress, cancel=cancel)
+                share = (lambda f, m: progress((index + f) / passes, m)) if progress is not None else None
+                step_st, step_ts = refine_fields(network, moved, tgt, steps=refine, progress=share, cancel=cancel)
             else:
-                with torch.no_grad():
+                low = precision != torch.float32
+                with torch.no_grad(), (torch.autocast(device.type, dtype=precision) if low else contextlib.nullcontext()):
                     step_st, step_ts, _ = network(moved, tgt)
             with torch.no_grad():
                 if u_st is None:
@@ -133,6 +145,8 @@ def run_network(model: LoadedModel, source: np.ndarray, target: np.ndarray, devi
         raise InverseRegError("out of GPU memory while running the network; rerun with device 'cpu'") from None
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    if progress is not None:
+        progress(1.0, f"network: {passes} pass{'es' if passes != 1 else ''} done")
     return u_st.detach(), u_ts.detach()
 
 
@@ -149,6 +163,7 @@ def register(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     passes: int | None = None,
+    precision: str = "auto",
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -156,6 +171,8 @@ def register(
     ``affine`` is ``"affine"``, ``"rigid"`` or ``None`` (images already aligned). ``refine`` adds
     that many steps of instance optimisation. ``passes`` runs the network that many times, each on
     the moving image warped by the fields so far (see :func:`run_network`; None: ``DEFAULT_PASSES``).
+    ``precision`` (``auto``, ``float32``, ``bfloat16``): the dtype of the network's convolutions;
+    ``auto`` is bfloat16 on CPUs that compute it natively (see :func:`~.device.resolve_precision`).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share).
     """
@@ -180,6 +197,7 @@ def register(
     except ValueError as error:
         raise InverseRegError(str(error)) from None
     device = resolve_device(device)
+    dtype = resolve_precision(precision, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if not isinstance(model, LoadedModel):
@@ -206,7 +224,7 @@ def register(
     report_progress(0.3, f"running the network on {device.type.upper()}")
     t0 = time.perf_counter()
     u_st, u_ts = run_network(model, source, target, device, refine,
-                             lambda f, m: report_progress(0.3 + 0.3 * f, m), cancel, passes)
+                             lambda f, m: report_progress(0.3 + 0.3 * f, m), cancel, passes, dtype)
     t_network = time.perf_counter() - t0
     check_cancel()
     report_progress(0.6, "bringing the fields back to the original grids")
@@ -240,6 +258,7 @@ def register(
         "affine": affine,
         "refine_steps": int(refine),
         "passes": int(passes),
+        "precision": str(dtype).removeprefix("torch."),
         "seconds_affine": round(t_affine, 3),
         "seconds_network": round(t_network, 3),
         "seconds_to_fields": round(t_fields, 3),

@@ -89,6 +89,29 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _repeat(job, once, timing) -> None:
+    """Call ``once()`` (which returns its timings) ``job['repeat'] - 1`` more times in this process
+    and keep every call's timings; ``<key>_warm`` is the median over the calls after the first,
+    the steady state a loaded model reaches on a series of pairs (the first call pays for lazy
+    initialisation: oneDNN kernel selection, memory pools)."""
+    import statistics
+    # the high-water mark of one registration, before later calls overlap with the kept result
+    timing["peak_rss_mb"] = _rss_mb()
+    calls = [{k: timing[k] for k in TIMED if timing.get(k) is not None}]
+    for _ in range(int(job.get("repeat", 1)) - 1):
+        calls.append({k: v for k, v in once().items() if k in TIMED and v is not None})
+    timing["calls"] = calls
+    if len(calls) > 1:
+        for key in TIMED:
+            values = [c[key] for c in calls[1:] if key in c]
+            if values:
+                timing[key + "_warm"] = statistics.median(values)
+
+
+#: the timings each registration call reports (first call as such, later calls as ``<key>_warm``)
+TIMED = ("seconds_both_directions", "seconds_to_fields", "seconds_to_warped", "seconds_network", "cpu_seconds")
+
+
 def _register_inversenet(job, fixed_path, moving_path, timing):
     import torch
     torch.set_num_threads(job["threads"])
@@ -102,16 +125,24 @@ def _register_inversenet(job, fixed_path, moving_path, timing):
     model = load_model(job["path"], device="cpu")
     timing["seconds_model_load"] = time.perf_counter() - t0
     timing["rss_before_mb"] = _rss_mb()
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    result = register(fixed, moving, model, device=job.get("device", "cpu"), affine=None,
-                      refine=int(job.get("refine", 0)), passes=job.get("passes"))
-    timing["seconds_both_directions"] = time.perf_counter() - t0
-    timing["cpu_seconds"] = _cpu_seconds() - cpu0
-    report = result.report
-    timing["seconds_network"] = report["seconds_network"]
-    timing["seconds_to_fields"] = report["seconds_to_fields"]
-    timing["seconds_to_warped"] = report["seconds_to_warped"]
-    timing["report"] = {k: v for k, v in report.items() if not isinstance(v, (dict, list))}
+    results = []
+
+    def once():
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        result = register(fixed, moving, model, device=job.get("device", "cpu"), affine=None,
+                          refine=int(job.get("refine", 0)), passes=job.get("passes"),
+                          precision=job.get("precision", "auto"))
+        wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        if not results:  # later calls only time themselves
+            results.append(result)
+        report = result.report
+        return {"seconds_both_directions": wall, "cpu_seconds": cpu, "seconds_network": report["seconds_network"],
+                "seconds_to_fields": report["seconds_to_fields"], "seconds_to_warped": report["seconds_to_warped"]}
+
+    timing.update(once())
+    _repeat(job, once, timing)
+    result = results[0]
+    timing["report"] = {k: v for k, v in result.report.items() if not isinstance(v, (dict, list))}
     timing["model"] = {"path": str(job["path"]), "model_id": model.model_id, "training": model.training,
                        "preset": model.preset.name}
     return fixed, moving, result.forward, result.backward
@@ -131,15 +162,22 @@ def _register_voxelmorph(job, fixed_path, moving_path, timing):
     model = load_vxm(job["path"])
     timing["seconds_model_load"] = time.perf_counter() - t0
     timing["rss_before_mb"] = _rss_mb()
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    forward, net_f = vxm_field_mm(model, fixed, moving)  # run 1: moving -> fixed
-    backward, net_b = vxm_field_mm(model, moving, fixed)  # run 2: fixed -> moving
-    forward_image = field_to_image(forward, Geometry.of(fixed))
-    backward_image = field_to_image(backward, Geometry.of(moving))
-    timing["seconds_both_directions"] = time.perf_counter() - t0
-    timing["seconds_to_fields"] = timing["seconds_both_directions"]
-    timing["seconds_network"] = net_f + net_b
-    timing["cpu_seconds"] = _cpu_seconds() - cpu0
+    images = []
+
+    def once():
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        forward, net_f = vxm_field_mm(model, fixed, moving)  # run 1: moving -> fixed
+        backward, net_b = vxm_field_mm(model, moving, fixed)  # run 2: fixed -> moving
+        fields = field_to_image(forward, Geometry.of(fixed)), field_to_image(backward, Geometry.of(moving))
+        wall = time.perf_counter() - t0
+        if not images:  # later calls only time themselves
+            images.append(fields)
+        return {"seconds_both_directions": wall, "seconds_to_fields": wall, "seconds_network": net_f + net_b,
+                "cpu_seconds": _cpu_seconds() - cpu0}
+
+    timing.update(once())
+    _repeat(job, once, timing)
+    forward_image, backward_image = images[0]
     timing["model"] = {"path": str(job["path"]), "training": model.training, "arch": model.arch}
     return fixed, moving, forward_image, backward_image
 
@@ -172,27 +210,37 @@ def _register_ants(job, fixed_path, moving_path, timing):
     kwargs = _parse_ants_spec(job["spec"])
     fixed_a, moving_a = ants.image_read(str(fixed_path)), ants.image_read(str(moving_path))
     timing["rss_before_mb"] = _rss_mb()
-    tmp = tempfile.mkdtemp(prefix="ants_", dir=job.get("tmp"))
-    prefix = str(Path(tmp) / "reg_")
-    cpu0, t0 = _cpu_seconds(), time.perf_counter()
-    reg = ants.registration(fixed_a, moving_a, outprefix=prefix, **kwargs)
-    timing["seconds_both_directions"] = time.perf_counter() - t0
-    # ants.registration returns both warped images (warpedmovout, warpedfixout) with the transforms
-    timing["seconds_to_warped"] = timing["seconds_both_directions"]
-    t1 = time.perf_counter()
-    fwd, inv = reg["fwdtransforms"], reg["invtransforms"]
-    # antsApplyTransforms' composite displacement field output: affine and warp in one field per
-    # direction, on the reference grid, fixed point -> moving point (ITK resampling convention)
-    forward_path = ants.apply_transforms(fixed_a, moving_a, fwd, compose=str(Path(tmp) / "fwd_"),
-                                         whichtoinvert=[False] * len(fwd))
-    inverted = [("GenericAffine" in t or t.endswith(".mat")) for t in inv]
-    backward_path = ants.apply_transforms(moving_a, fixed_a, inv, compose=str(Path(tmp) / "bwd_"),
-                                          whichtoinvert=inverted)
-    forward_image = sitk.Cast(sitk.ReadImage(forward_path), sitk.sitkVectorFloat64)
-    backward_image = sitk.Cast(sitk.ReadImage(backward_path), sitk.sitkVectorFloat64)
-    timing["seconds_compose_fields"] = time.perf_counter() - t1
-    timing["seconds_to_fields"] = timing["seconds_both_directions"] + timing["seconds_compose_fields"]
-    timing["cpu_seconds"] = _cpu_seconds() - cpu0
+    runs = []
+
+    def once():
+        tmp = tempfile.mkdtemp(prefix="ants_", dir=job.get("tmp"))
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        reg = ants.registration(fixed_a, moving_a, outprefix=str(Path(tmp) / "reg_"), **kwargs)
+        call = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        fwd, inv = reg["fwdtransforms"], reg["invtransforms"]
+        # antsApplyTransforms' composite displacement field output: affine and warp in one field per
+        # direction, on the reference grid, fixed point -> moving point (ITK resampling convention)
+        forward_path = ants.apply_transforms(fixed_a, moving_a, fwd, compose=str(Path(tmp) / "fwd_"),
+                                             whichtoinvert=[False] * len(fwd))
+        inverted = [("GenericAffine" in t or t.endswith(".mat")) for t in inv]
+        backward_path = ants.apply_transforms(moving_a, fixed_a, inv, compose=str(Path(tmp) / "bwd_"),
+                                              whichtoinvert=inverted)
+        forward_image = sitk.Cast(sitk.ReadImage(forward_path), sitk.sitkVectorFloat64)
+        backward_image = sitk.Cast(sitk.ReadImage(backward_path), sitk.sitkVectorFloat64)
+        compose_seconds = time.perf_counter() - t1
+        if runs:  # only the first run's files are kept (for the label check below)
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            runs.append((tmp, fwd, inv, inverted, forward_image, backward_image, compose_seconds))
+        # ants.registration returns both warped images (warpedmovout, warpedfixout) with the transforms
+        return {"seconds_both_directions": call, "seconds_to_warped": call,
+                "seconds_to_fields": call + compose_seconds, "cpu_seconds": _cpu_seconds() - cpu0}
+
+    timing.update(once())
+    _repeat(job, once, timing)
+    tmp, fwd, inv, inverted, forward_image, backward_image, timing["seconds_compose_fields"] = runs[0]
     timing["ants"] = {"version": ants.__version__,
                       "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
                       "fwdtransforms": [Path(t).name for t in fwd],
@@ -235,7 +283,8 @@ def run_worker(job: dict) -> int:
     register_fn = {"inversenet": _register_inversenet, "voxelmorph": _register_voxelmorph,
                    "ants": _register_ants, "identity": _register_identity}[kind]
     fixed, moving, forward, backward = register_fn(job, job["fixed"], job["moving"], timing)
-    timing["peak_rss_mb"] = _rss_mb()  # everything above: reading, registering, fields in memory
+    # reading, registering, fields in memory (the first call's, where _repeat measured it)
+    timing.setdefault("peak_rss_mb", _rss_mb())
     after = timing.pop("_after", None)
     own = after() if (after is not None and job.get("fixed_seg") and job.get("moving_seg")) else None
     if fixed is None:
@@ -380,6 +429,7 @@ def _fmt(value, digits=3):
 
 
 def tables(results: list[dict], methods: list[str], reference: str | None) -> str:
+    """Markdown: quality per method, timing per method (first call and warm), then per pair."""
     import numpy as np
     lines = []
     by_pair: dict = {}
@@ -388,50 +438,71 @@ def tables(results: list[dict], methods: list[str], reference: str | None) -> st
     ref = {pair: m[reference] for pair, m in by_pair.items() if reference and reference in m}
 
     def ratio(r, key, ref_key="seconds_both_directions"):
+        """``r[key]`` over the reference's ``ref_key`` on the same pair; a warm figure is divided by
+        the reference's warm figure where it was repeated too, else by its single call."""
         base = ref.get((r["fixed"], r["moving"]))
-        if base is None or r["kind"] == "identity" or not r.get(key) or not base.get(ref_key):
+        if base is None or r["kind"] == "identity" or not r.get(key):
             return None
-        return r[key] / base[ref_key]
+        if key.endswith("_warm"):
+            ref_key = ref_key + "_warm" if base.get(ref_key + "_warm") else ref_key
+        return r[key] / base[ref_key] if base.get(ref_key) else None
 
-    lines += ["| method | Dice fwd | Dice bwd | BIR fwd | BIR bwd | fold % fwd | fold % bwd | ICE mean mm | "
-              "ICE p95 mm | s whole call | s to fields | s to warped images | to fields ÷ SyN | to warped ÷ SyN | "
-              "whole ÷ SyN | CPU s ÷ SyN CPU s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def rows_of(method):
+        return [r for r in results if r["method"] == method]
+
+    def mean(rs, key):
+        values = [r[key] for r in rs if r.get(key) is not None]
+        return float(np.mean(values)) if values else None
+
+    def mean_ratio(rs, key, ref_key):
+        values = [v for v in (ratio(r, key, ref_key) for r in rs) if v is not None]
+        return float(np.mean(values)) if values else None
+
+    def dice(rs, direction):
+        key = "dice_per_label" + ("" if direction == "fwd" else "_backward")
+        per_pair_mean = [np.mean(list(r[key].values())) for r in rs if key in r]
+        per_pair_std = [np.std(list(r[key].values())) for r in rs if key in r]
+        if not per_pair_mean:
+            return "n/a"
+        return f"{np.mean(per_pair_mean):.3f} ± {np.mean(per_pair_std):.3f}"
+
+    lines += ["Quality (mean over pairs; Dice mean ± std over labels):", "",
+              "| method | Dice fwd | Dice bwd | BIR fwd | BIR bwd | fold % fwd | fold % bwd | ICE mean mm | "
+              "ICE p95 mm | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for method in methods:
-        rs = [r for r in results if r["method"] == method]
-        if not rs:
+        rs = rows_of(method)
+        if rs:
+            lines.append(
+                f"| {method} | {dice(rs, 'fwd')} | {dice(rs, 'bwd')} | {_fmt(mean(rs, 'bir'))} | "
+                f"{_fmt(mean(rs, 'bir_backward'))} | {_fmt(mean(rs, 'folding_percent_forward'), 4)} | "
+                f"{_fmt(mean(rs, 'folding_percent_backward'), 4)} | {_fmt(mean(rs, 'ice_mean_mm'))} | "
+                f"{_fmt(mean(rs, 'ice_p95_mm'))} | {_fmt(mean(rs, 'peak_rss_mb'), 0)} |")
+    repeats = max((len(r.get("calls", [])) for r in results), default=1)
+    lines += ["", f"Time for both directions, seconds (mean over pairs). \"first\": the first call in a fresh "
+              f"process; \"warm\": the median of the {repeats - 1} later call(s) in the same process (n/a where "
+              "a method ran once). \"÷ SyN\": the ratio to the reference on the same pair.", "",
+              "| method | to fields, first | to fields, warm | to fields ÷ SyN, first | to fields ÷ SyN, warm | "
+              "to warped images, first / warm | whole call, first / warm | whole ÷ SyN, first | "
+              "CPU s ÷ SyN CPU s, first |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for method in methods:
+        rs = rows_of(method)
+        if not rs or rs[0]["kind"] == "identity":
             continue
-
-        def mean(key):
-            values = [r[key] for r in rs if r.get(key) is not None]
-            return float(np.mean(values)) if values else None
-
-        def mean_ratio(key, ref_key="seconds_both_directions"):
-            values = [ratio(r, key, ref_key) for r in rs]
-            values = [v for v in values if v is not None]
-            return float(np.mean(values)) if values else None
-
-        def dice(direction):
-            key = "dice_per_label" + ("" if direction == "fwd" else "_backward")
-            per_pair_mean = [np.mean(list(r[key].values())) for r in rs if key in r]
-            per_pair_std = [np.std(list(r[key].values())) for r in rs if key in r]
-            if not per_pair_mean:
-                return "n/a"
-            return f"{np.mean(per_pair_mean):.3f} ± {np.mean(per_pair_std):.3f}"
-
         lines.append(
-            f"| {method} | {dice('fwd')} | {dice('bwd')} | {_fmt(mean('bir'))} | {_fmt(mean('bir_backward'))} | "
-            f"{_fmt(mean('folding_percent_forward'), 4)} | {_fmt(mean('folding_percent_backward'), 4)} | "
-            f"{_fmt(mean('ice_mean_mm'))} | {_fmt(mean('ice_p95_mm'))} | {_fmt(mean('seconds_both_directions'), 2)} | "
-            f"{_fmt(mean('seconds_to_fields'), 2)} | {_fmt(mean('seconds_to_warped'), 2)} | "
-            f"{_fmt(mean_ratio('seconds_to_fields'), 4)} | {_fmt(mean_ratio('seconds_to_warped'), 4)} | "
-            f"{_fmt(mean_ratio('seconds_both_directions'), 4)} | {_fmt(mean_ratio('cpu_seconds', 'cpu_seconds'), 4)} | "
-            f"{_fmt(mean('peak_rss_mb'), 0)} |")
+            f"| {method} | {_fmt(mean(rs, 'seconds_to_fields'), 2)} | {_fmt(mean(rs, 'seconds_to_fields_warm'), 2)} | "
+            f"{_fmt(mean_ratio(rs, 'seconds_to_fields', 'seconds_both_directions'), 4)} | "
+            f"{_fmt(mean_ratio(rs, 'seconds_to_fields_warm', 'seconds_both_directions'), 4)} | "
+            f"{_fmt(mean(rs, 'seconds_to_warped'), 2)} / {_fmt(mean(rs, 'seconds_to_warped_warm'), 2)} | "
+            f"{_fmt(mean(rs, 'seconds_both_directions'), 2)} / {_fmt(mean(rs, 'seconds_both_directions_warm'), 2)} | "
+            f"{_fmt(mean_ratio(rs, 'seconds_both_directions', 'seconds_both_directions'), 4)} | "
+            f"{_fmt(mean_ratio(rs, 'cpu_seconds', 'cpu_seconds'), 4)} |")
     lines += ["", "Per pair (fixed ← moving):", "",
               "| pair | method | Dice fwd (mean ± std over labels) | Dice bwd | BIR fwd | BIR bwd | fold % fwd | "
-              "fold % bwd | ICE mean / p95 mm | s whole call | s network | s to fields | to fields ÷ SyN | "
-              "CPU s | peak RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "fold % bwd | ICE mean / p95 mm | s network, first / warm | s to fields, first / warm | "
+              "to fields ÷ SyN, first / warm | CPU s | peak RSS MB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (fixed, moving), ms in by_pair.items():
         for method in methods:
             r = ms.get(method)
@@ -443,8 +514,9 @@ def tables(results: list[dict], methods: list[str], reference: str | None) -> st
                 f"| {fixed} ← {moving} | {method} | {dice_f} | {dice_b} | {_fmt(r.get('bir'))} | "
                 f"{_fmt(r.get('bir_backward'))} | {_fmt(r['folding_percent_forward'], 4)} | "
                 f"{_fmt(r['folding_percent_backward'], 4)} | {r['ice_mean_mm']:.3f} / {r['ice_p95_mm']:.3f} | "
-                f"{r['seconds_both_directions']:.2f} | {_fmt(r.get('seconds_network'), 2)} | "
-                f"{_fmt(r.get('seconds_to_fields'), 2)} | {_fmt(ratio(r, 'seconds_to_fields'), 4)} | "
+                f"{_fmt(r.get('seconds_network'), 2)} / {_fmt(r.get('seconds_network_warm'), 2)} | "
+                f"{_fmt(r.get('seconds_to_fields'), 2)} / {_fmt(r.get('seconds_to_fields_warm'), 2)} | "
+                f"{_fmt(ratio(r, 'seconds_to_fields'), 4)} / {_fmt(ratio(r, 'seconds_to_fields_warm'), 4)} | "
                 f"{_fmt(r.get('cpu_seconds'), 1)} | {r['peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -573,6 +645,9 @@ def main(argv=None) -> int:
                              "(repeatable: one row per N)")
     parser.add_argument("--passes", type=int, action="append", default=None, metavar="N",
                         help="add a row: the first InverseNet model with N network passes (repeatable)")
+    parser.add_argument("--precision", action="append", default=None, metavar="P",
+                        help="add a row: the first InverseNet model with its convolutions in precision P "
+                             "(float32 or bfloat16; the rows above use the library's default, auto)")
     parser.add_argument("--passes-for", action="append", default=None, metavar="NAME=N",
                         help="run the InverseNet row NAME with N network passes (default: the library's)")
     parser.add_argument("--no-identity", action="store_true", help="leave out the affine-only starting point")
@@ -580,6 +655,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for every method (default 1)")
     parser.add_argument("--device", default="cpu", help="device for InverseNet (cpu or cuda)")
     parser.add_argument("--pairs", type=int, default=None, help="only the first N ordered pairs (dry runs)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="register each pair N times in its worker: the first call, and the median of the "
+                             "others as the warm time (default 1)")
+    parser.add_argument("--repeat-for", action="append", default=None, metavar="NAME=N",
+                        help="N calls for the method NAME instead of --repeat (e.g. 1 for a slow peer)")
     parser.add_argument("--out", default="/work/runs/benchmark")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"))
     parser.add_argument("--report", help="markdown file whose <!-- benchmark:begin/end --> block gets the tables")
@@ -629,6 +709,10 @@ def main(argv=None) -> int:
             raise SystemExit(f"--passes needs N >= 1, got {count}")
         methods.append((f"{first[0]}, {count} pass{'es' if count > 1 else ''}", "inversenet",
                         {**first[2], "passes": count}))
+    for precision in args.precision or []:
+        if precision not in ("float32", "bfloat16"):
+            raise SystemExit(f"--precision needs float32 or bfloat16, got {precision!r}")
+        methods.append((f"{first[0]}, {precision}", "inversenet", {**first[2], "precision": precision}))
     for steps in args.refine or []:
         if steps <= 0:
             raise SystemExit(f"--refine needs a positive number of steps, got {steps}")
@@ -647,6 +731,16 @@ def main(argv=None) -> int:
     reference = next((name for name, kind, extra in methods
                       if kind == "ants" and _parse_ants_spec(extra["spec"]) == {"type_of_transform": "SyN"}), None)
 
+    if args.repeat < 1:
+        raise SystemExit(f"--repeat needs N >= 1, got {args.repeat}")
+    for name, _, extra in methods:
+        extra["repeat"] = args.repeat
+    for entry in args.repeat_for or []:
+        name, _, count = entry.rpartition("=")
+        row = next((m for m in methods if m[0] == name), None)
+        if row is None or not count.isdigit() or int(count) < 1:
+            raise SystemExit(f"--repeat-for needs NAME=N with a method's name and N >= 1, got {entry!r}")
+        row[2]["repeat"] = int(count)
     unknown = sorted(set(args.plot or []) - {name for name, _, _ in methods})
     if unknown:
         raise SystemExit(f"--plot names no method of this run: {unknown}; methods: {[m[0] for m in methods]}")

@@ -19,7 +19,7 @@ import torch
 
 from InverseRegLib.errors import InverseRegError
 from InverseRegLib.model import InverseNet
-from InverseRegLib.pipeline import register, run_network
+from InverseRegLib.pipeline import Cancelled, register, run_network
 from InverseRegLib.presets import get_preset
 from InverseRegLib.warp import compose, warp
 from inversereg_testlib import small_model
@@ -107,3 +107,16 @@ def test_register_takes_passes(small_pair):
     assert one.report["passes"] == 1 and two.report["passes"] == 2
     difference = sitk.GetArrayFromImage(one.forward) - sitk.GetArrayFromImage(two.forward)
     assert np.abs(difference).max() > 0.1  # mm: the second pass moved something
+
+
+def test_every_pass_reports_progress_and_cancel_stops_between_passes(model, pair):
+    messages = []
+    run_network(model, *pair, CPU, passes=3, progress=lambda f, m: messages.append((round(f, 3), m)))
+    assert [m for _, m in messages[:3]] == [f"network pass {k} of 3" for k in (1, 2, 3)]
+    fractions = [f for f, _ in messages]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    # cancel answered True on its second question: the first pass ran, the second never started
+    answers = iter([False, True])
+    with pytest.raises(Cancelled, match="before network pass 2 of 3"):
+        run_network(model, *pair, CPU, passes=3, cancel=lambda: next(answers))
+    assert len(model.network.calls) == 4  # 3 from the first run, 1 from the cancelled one
