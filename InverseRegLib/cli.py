@@ -112,7 +112,8 @@ def cmd_train(args) -> int:
                          lr=args.lr, seed=args.seed, spacing=args.spacing, val_subjects=args.val,
                          val_every=args.val_every, checkpoint_every=args.checkpoint_every, augment=args.augment,
                          synth=args.synth, weights=weights, ncc_window=args.ncc_window, device=args.device,
-                         init=args.init, init_regrid=args.init_regrid, cascade=args.cascade)
+                         init=args.init, init_regrid=args.init_regrid, cascade=args.cascade,
+                         lr_schedule=args.lr_schedule)
     path = train(config, progress=not args.quiet, label_set=_labels_arg(args.labels), resume=args.resume)
     print(f"model written to {path}")
     return 0
@@ -215,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cascade", type=float, default=0.0,
                    help="probability that a step trains on the source warped by one pass of the current network "
                         "(what the second registration pass sees)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant lr, or cosine decay from --lr to 0 at --steps (to end a fine-tuning stage)")
     p.add_argument("--synth", type=float, default=0.1, help="probability of a label-synthesised pair")
     p.add_argument("--weight-ncc", type=float)
     p.add_argument("--weight-cycle", type=float)

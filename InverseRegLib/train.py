@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -55,12 +56,25 @@ class TrainConfig:
     init: str | None = None  # an exported model file whose weights start the run (fine-tuning)
     init_regrid: bool = False  # allow ``init`` from another model grid size/spacing (same axes)
     cascade: float = 0.0  # probability of training on the source already warped by one no-grad pass
+    lr_schedule: str = "constant"  # or "cosine": lr * (1 + cos(pi * step / steps)) / 2, down to 0 at ``steps``
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
 _CONFIG_DEFAULTS = TrainConfig(data_dir="", run_dir="").to_dict()
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of step ``step`` (0-based): ``config.lr`` throughout, or a cosine decay
+    from it to 0 at ``config.steps`` (an annealed end to a fine-tuning stage). A resumed run with a
+    larger step budget stretches what is left of the cosine."""
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, config.steps) / config.steps))
+    return config.lr
 
 
 def _distributed() -> tuple[int, int]:
@@ -188,6 +202,8 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         value = getattr(config, name)
         if not 0.0 <= float(value) <= 1.0:
             raise InverseRegError(f"--{name} is a probability between 0 and 1, got {value}")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise InverseRegError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {config.lr_schedule!r}")
     run_dir = Path(config.run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise InverseRegError(f"run folder path exists and is not a folder: {run_dir}")
@@ -207,7 +223,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         saved = resume_state["config"]
         # the resumed run must be the same run; only the step budget may grow
         for key in ("preset", "lr", "seed", "spacing", "augment", "synth", "weights", "ncc_window", "init",
-                    "init_regrid", "cascade"):
+                    "init_regrid", "cascade", "lr_schedule"):
             # a setting added after the checkpoint was written counts as its default
             if saved.get(key, _CONFIG_DEFAULTS.get(key)) != config.to_dict().get(key):
                 raise InverseRegError(f"--resume: '{key}' differs from the checkpointed run "
@@ -251,6 +267,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         "val_subjects": [s.name for s in val_subjects], "lr": config.lr, "seed": config.seed,
         "device": device.type, "world_size": world, "augment": config.augment, "synth": config.synth,
         **({"cascade": config.cascade} if config.cascade else {}),
+        **({"lr_schedule": config.lr_schedule} if config.lr_schedule != "constant" else {}),
         **init_info,
     }
     if rank == 0:
@@ -280,6 +297,8 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
                            "init_info": init_info}, checkpoint_path)
 
     for step in range(start_step, config.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         rng = np.random.default_rng([config.seed, step, rank])
         i, j = pairs[int(rng.integers(len(pairs)))]
         if synth_ok and rng.random() < config.synth:

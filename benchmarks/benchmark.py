@@ -12,7 +12,8 @@ registers the pair in both directions, then measures, with the same code for eve
   fixed image's foreground (``InverseRegLib.fields.inverse_consistency_error``), and the same over
   the moving foreground the other way round;
 * seconds for both directions (wall, in the worker, inputs already in memory) and the process's
-  CPU seconds; also the seconds until both fields are in hand and until both warped images are
+  CPU seconds, for the first call of the process and, with ``--repeat N``, as the median of the
+  N - 1 calls after it in the same process (the warm time); also the seconds until both fields are in hand and until both warped images are
   (ANTs returns its warped images from the registration call itself); peak resident memory (``ru_maxrss``) of the worker at the end of registration,
   before any evaluation code runs. Timings are also given as ratios to ANTs SyN on the same pair
   in the same run.

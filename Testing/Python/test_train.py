@@ -383,3 +383,38 @@ def test_cascade_trains_on_the_source_after_one_pass(short_run, data_dirs, tmp_p
     code = main(train_args(data_dirs["data3"], tmp_path / "bad", 1, "--cascade", "1.5"))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--cascade" in err[0] and "between 0 and 1" in err[0]
+
+
+def test_cosine_schedule_values():
+    config = train_module.TrainConfig(data_dir="", run_dir="", steps=100, lr=1e-3, lr_schedule="cosine")
+    rates = [train_module.learning_rate(config, step) for step in range(101)]
+    assert rates[0] == pytest.approx(1e-3) and rates[50] == pytest.approx(5e-4) and rates[100] == pytest.approx(0.0)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    constant = train_module.TrainConfig(data_dir="", run_dir="", steps=100, lr=1e-3)
+    assert {train_module.learning_rate(constant, step) for step in range(100)} == {1e-3}
+
+
+def test_cosine_schedule_drives_the_optimiser(data_dirs, tmp_path, capsys):
+    """``--lr-schedule cosine``: each step's Adam lr is the schedule's (the checkpoint's optimiser
+    holds the last step's), so the weights differ from a constant-lr run after the first step;
+    the setting is recorded, checked on --resume, and an unknown schedule is refused."""
+    common = ("--lr", "1e-2", "--augment", "0", "--synth", "0")
+    runs = {name: tmp_path / name for name in ("constant", "cosine")}
+    assert main(train_args(data_dirs["data3"], runs["constant"], 4, *common)) == 0
+    assert main(train_args(data_dirs["data3"], runs["cosine"], 4, *common, "--lr-schedule", "cosine")) == 0
+    checkpoint = torch.load(runs["cosine"] / "checkpoint.pt", weights_only=True)
+    expected = 1e-2 * 0.5 * (1 + np.cos(np.pi * 3 / 4))  # the lr of the last step, step index 3
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(expected)
+    constant_log, cosine_log = read_log(runs["constant"]), read_log(runs["cosine"])
+    assert constant_log[0]["loss"] == cosine_log[0]["loss"]  # step 1 runs at the full lr either way
+    assert constant_log[-1]["loss"] != cosine_log[-1]["loss"]
+    assert load_model(runs["cosine"] / "model.pt").training["lr_schedule"] == "cosine"
+    assert "lr_schedule" not in load_model(runs["constant"] / "model.pt").training
+    code = main(train_args(data_dirs["data3"], runs["cosine"], 6, *common, "--resume"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "lr_schedule" in err[0]
+    with pytest.raises(SystemExit):
+        main(train_args(data_dirs["data3"], tmp_path / "bad", 1, "--lr-schedule", "linear"))
+    with pytest.raises(InverseRegError, match="lr-schedule"):
+        train_module.train(train_module.TrainConfig(data_dir=str(data_dirs["data3"]), run_dir=str(tmp_path / "x"),
+                                                    steps=1, lr_schedule="step"), progress=False)
