@@ -188,7 +188,8 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.showComparison(self._parameterNode, "difference")
             self.ui.progressBar.value = 100
             self.ui.statusLabel.text = (f"Done on {report['device'].upper()} in {report['seconds_total']:.1f} s "
-                                        f"(network {report['seconds_network']:.2f} s).")
+                                        f"(network {report['seconds_network']:.2f} s, "
+                                        f"{report.get('passes', 1)} pass(es), {report.get('precision', 'float32')}).")
             self.ui.summaryLabel.text = self.logic.summaryText(report)
 
     def onDirectionToggled(self, backward: bool) -> None:
