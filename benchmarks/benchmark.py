@@ -480,9 +480,10 @@ def tables(results: list[dict], methods: list[str], reference: str | None) -> st
                 f"{_fmt(mean(rs, 'folding_percent_backward'), 4)} | {_fmt(mean(rs, 'ice_mean_mm'))} | "
                 f"{_fmt(mean(rs, 'ice_p95_mm'))} | {_fmt(mean(rs, 'peak_rss_mb'), 0)} |")
     repeats = max((len(r.get("calls", [])) for r in results), default=1)
+    warm = (f"the median of the {repeats - 1} later call(s) in the same process (n/a where a method ran once)"
+            if repeats > 1 else "n/a: every method ran once (--repeat N adds warm timings)")
     lines += ["", f"Time for both directions, seconds (mean over pairs). \"first\": the first call in a fresh "
-              f"process; \"warm\": the median of the {repeats - 1} later call(s) in the same process (n/a where "
-              "a method ran once). \"÷ SyN\": the ratio to the reference on the same pair.", "",
+              f"process; \"warm\": {warm}. \"÷ SyN\": the ratio to the reference on the same pair.", "",
               "| method | to fields, first | to fields, warm | to fields ÷ SyN, first | to fields ÷ SyN, warm | "
               "to warped images, first / warm | whole call, first / warm | whole ÷ SyN, first | "
               "CPU s ÷ SyN CPU s, first |",
