@@ -13,10 +13,11 @@ registers the pair in both directions, then measures, with the same code for eve
   the moving foreground the other way round;
 * seconds for both directions (wall, in the worker, inputs already in memory) and the process's
   CPU seconds, for the first call of the process and, with ``--repeat N``, as the median of the
-  N - 1 calls after it in the same process (the warm time); also the seconds until both fields are in hand and until both warped images are
-  (ANTs returns its warped images from the registration call itself); peak resident memory (``ru_maxrss``) of the worker at the end of registration,
-  before any evaluation code runs. Timings are also given as ratios to ANTs SyN on the same pair
-  in the same run.
+  N - 1 calls after it in the same process (the warm time); also the seconds until both fields
+  are in hand and until both warped images are (ANTs returns its warped images from the
+  registration call itself); peak resident memory (``ru_maxrss``) of the worker at the end of its
+  first registration, before any evaluation code runs. Timings are also given as ratios to ANTs
+  SyN's registration call on the same pair in the same run.
 
 Every method's result is a pair of ITK displacement fields (forward on the fixed grid: fixed point
 -> moving point; backward on the moving grid), LPS mm, so every metric is computed on the same
