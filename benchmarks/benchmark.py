@@ -650,7 +650,7 @@ def main(argv=None) -> int:
                         help="add a row: the first InverseNet model with N network passes (repeatable)")
     parser.add_argument("--precision", action="append", default=None, metavar="P",
                         help="add a row: the first InverseNet model with its convolutions in precision P "
-                             "(float32 or bfloat16; the rows above use the library's default, auto)")
+                             "(float32 or bfloat16; the other rows use the library's default, auto)")
     parser.add_argument("--passes-for", action="append", default=None, metavar="NAME=N",
                         help="run the InverseNet row NAME with N network passes (default: the library's)")
     parser.add_argument("--no-identity", action="store_true", help="leave out the affine-only starting point")
@@ -675,6 +675,7 @@ def main(argv=None) -> int:
 
     sys.path.insert(0, str(ROOT))
     from InverseRegLib.data import discover_subjects
+    from InverseRegLib.device import PRECISIONS
     from InverseRegLib.metrics import resolve_labels
 
     subjects = {s.name: s for s in discover_subjects(args.data) if s.label is not None}
@@ -713,8 +714,8 @@ def main(argv=None) -> int:
         methods.append((f"{first[0]}, {count} pass{'es' if count > 1 else ''}", "inversenet",
                         {**first[2], "passes": count}))
     for precision in args.precision or []:
-        if precision not in ("float32", "bfloat16"):
-            raise SystemExit(f"--precision needs float32 or bfloat16, got {precision!r}")
+        if precision not in PRECISIONS:
+            raise SystemExit(f"--precision needs one of {', '.join(PRECISIONS)}, got {precision!r}")
         methods.append((f"{first[0]}, {precision}", "inversenet", {**first[2], "precision": precision}))
     for steps in args.refine or []:
         if steps <= 0:
