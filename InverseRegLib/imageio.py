@@ -83,6 +83,53 @@ def write_image_atomic(image: sitk.Image, path, compress: bool = True) -> None:
         raise
 
 
+def write_displacement_field(field: sitk.Image, path) -> None:
+    """Write an ITK displacement field (3 components, LPS mm) as a NIfTI displacement-vector
+    file (intent code 1006, NIFTI_INTENT_DISPVECT), atomically (temporary sibling, then rename).
+
+    SimpleITK alone writes vector images with intent 1007 (and refuses an ``intent_code`` in
+    the metadata), which 3D Slicer's transform reader warns about. NIfTI stores displacement
+    vectors in RAS; ITK (so SimpleITK, ANTs and Slicer, which all read through ITK's NIfTI
+    reader) flips x and y back to LPS when it reads intent 1006. So the vectors go to disk with x
+    and y negated and intent 1006 is put into the header; every one of those readers then gets
+    exactly ``field``'s values back (Testing/Python/test_slicer_fields.py checks each).
+    """
+    import gzip
+    import struct
+
+    path = Path(path)
+    if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
+        raise InverseRegError(f"{path.name}: a 3D displacement field with 3 components per voxel is needed")
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise InverseRegError(f"{path.name}: displacement fields are written as NIfTI (.nii or .nii.gz)")
+    ras = sitk.Compose([-sitk.VectorIndexSelectionCast(field, 0), -sitk.VectorIndexSelectionCast(field, 1),
+                        sitk.VectorIndexSelectionCast(field, 2)])
+    ras = sitk.Cast(ras, field.GetPixelID())
+    ras.CopyInformation(field)
+    fd, plain = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii", dir=path.parent)
+    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    _permissions(tmp)
+    try:
+        sitk.WriteImage(ras, plain, False)
+        header = bytearray(Path(plain).read_bytes())
+        if struct.unpack_from("<i", header, 0)[0] != 348:
+            raise InverseRegError(f"{path.name}: SimpleITK did not write a little-endian NIfTI-1 header")
+        struct.pack_into("<h", header, 68, 1006)  # intent_code: NIFTI_INTENT_DISPVECT
+        if path.name.endswith(".gz"):
+            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as out:
+                out.write(header)
+        else:
+            Path(tmp).write_bytes(header)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        Path(plain).unlink(missing_ok=True)
+
+
 def write_text_atomic(text: str, path) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

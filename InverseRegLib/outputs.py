@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .imageio import prepare_output_dir, write_image_atomic, write_text_atomic
+from .imageio import prepare_output_dir, write_displacement_field, write_image_atomic, write_text_atomic
 from .pipeline import RegistrationResult
 
 
@@ -16,8 +16,11 @@ def write_result(result: RegistrationResult, outdir, inputs: list) -> dict[str, 
     """
     outdir = prepare_output_dir(outdir, inputs)
     written = {}
-    for name, image in (("forward", result.forward), ("backward", result.backward),
-                        ("moving_warped", result.moving_warped), ("fixed_warped", result.fixed_warped)):
+    for name, image in (("forward", result.forward), ("backward", result.backward)):
+        path = outdir / f"{name}.nii.gz"
+        write_displacement_field(image, path)  # intent 1006, which Slicer's reader expects
+        written[name] = path
+    for name, image in (("moving_warped", result.moving_warped), ("fixed_warped", result.fixed_warped)):
         path = outdir / f"{name}.nii.gz"
         write_image_atomic(image, path)
         written[name] = path
