@@ -1,0 +1,458 @@
+"""The scene tests: one body of code that pytest runs on slicer-core
+(``Testing/Python/test_slicer_scene.py``) and ``InverseRegTest`` runs inside Slicer.
+
+Each test makes its own fresh ``vtkMRMLScene`` (never the application's scene), so inside Slicer
+the user's scene is not touched. :class:`RegisteredSceneTests` runs one real registration of a
+small synthetic pair (the module's own command, in a subprocess, with the bundled model on CPU)
+and loads it with the module's own code; it is skipped, with the reason, where torch is not
+installed (Slicer's extension build machines have none), and nothing installs torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import unittest
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+import vtk
+
+from . import ROLE_ATTRIBUTE
+from .checks import input_problem, torch_available
+from .folders import TemporaryFolders
+from .results import (BACKWARD, FORWARD, REGISTERED, find_node, load_result, map_point, restore_interpolation)
+from .runner import CANCELLED, DONE, FAILED, RegistrationRunner, register_command
+from .views import (USER_TRANSFORM_ATTRIBUTE, checkerboard_volume, difference_volume, restore_user_transforms,
+                    show_comparison, show_direction)
+from .volumes import image_to_node, node_to_image, write_volume
+
+#: where the library is (the folder holding InverseRegLib/): set by the caller (pytest's test
+#: file, or InverseReg.py inside Slicer) before the tests run
+LIBRARY_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+#: the Python that runs the registration process (PythonSlicer inside Slicer)
+PYTHON = sys.executable
+#: when set, the rendered views are also written there as PNGs (docs/figures)
+FIGURES_DIR = os.environ.get("INVERSEREG_FIGURES")
+
+
+def require_torch() -> None:
+    if not torch_available():
+        raise unittest.SkipTest("torch is not installed in this Python (Slicer's extension build machines have "
+                                "none): the registration tests are skipped; install the PyTorch extension to run them")
+
+
+def volume_node(scene, image: sitk.Image, name: str):
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    image_to_node(image, node)
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetAutoWindowLevel(False)
+    low, high = np.percentile(sitk.GetArrayViewFromImage(image), [1, 99])
+    node.GetDisplayNode().SetWindowLevel(float(high - low), float(high + low) / 2)
+    return node
+
+
+def synthetic_pair():
+    sys.path.insert(0, LIBRARY_DIR) if LIBRARY_DIR not in sys.path else None
+    from InverseRegLib.synthetic import make_pair
+    fixed, moving, _, _ = make_pair(size=(48, 56, 48), spacing=(3.4, 3.4, 3.4), seed=2)
+    return fixed, moving
+
+
+def library_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = LIBRARY_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("OMP_NUM_THREADS", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def node_counts(scene) -> dict:
+    counts: dict = {}
+    nodes = scene.GetNodes()
+    for index in range(nodes.GetNumberOfItems()):
+        name = nodes.GetItemAsObject(index).GetClassName()
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class SceneBasicsTests(unittest.TestCase):
+    """No registration needed: folders, user transforms, checks, the runner, failures."""
+
+    def setUp(self):
+        self.scene = slicer.vtkMRMLScene()
+        fixed, moving = synthetic_pair()
+        self.fixed = volume_node(self.scene, fixed, "fixed")
+        self.moving = volume_node(self.scene, moving, "moving")
+
+    def test_release_deletes_only_folders_the_module_created(self):
+        # defect 1: a user's own result folder and its enclosing folder survive; only the
+        # module's own temporary run folders are deleted
+        work = tempfile.mkdtemp(prefix="InverseReg-user-")
+        try:
+            users_results = os.path.join(work, "results")
+            os.makedirs(users_results)
+            keep = os.path.join(work, "notes.txt")
+            with open(keep, "w") as handle:
+                handle.write("the user's own file")
+            folders = TemporaryFolders()
+            run = folders.create()
+            self.assertFalse(folders.release(users_results))
+            self.assertTrue(os.path.isfile(keep) and os.path.isdir(users_results))
+            self.assertTrue(folders.release(os.path.join(run, "result")))
+            self.assertFalse(os.path.exists(run))
+            self.assertTrue(os.path.isfile(keep) and os.path.isdir(users_results))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _module_transforms(self):
+        forward = self.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "forward")
+        forward.SetAttribute(ROLE_ATTRIBUTE, FORWARD)
+        backward = self.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "backward")
+        backward.SetAttribute(ROLE_ATTRIBUTE, BACKWARD)
+        return forward, backward
+
+    def test_user_transforms_are_named_and_put_back(self):
+        # defect 7: showing a direction replaces the user's parent transforms only visibly, and
+        # restoring puts them back
+        forward, backward = self._module_transforms()
+        users = [self.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name) for name in ("my rigid", "my shift")]
+        self.fixed.SetAndObserveTransformNodeID(users[0].GetID())
+        self.moving.SetAndObserveTransformNodeID(users[1].GetID())
+        messages = show_direction(self.scene, self.fixed, self.moving, forward, backward, forward=True)
+        self.assertEqual(len(messages), 2, messages)
+        self.assertTrue(any("my rigid" in m for m in messages) and any("my shift" in m for m in messages))
+        self.assertIsNone(self.fixed.GetTransformNodeID())
+        self.assertEqual(self.moving.GetTransformNodeID(), forward.GetID())
+        # switching direction must not record the module's own transform as the user's
+        self.assertEqual(show_direction(self.scene, self.fixed, self.moving, forward, backward, forward=False), [])
+        self.assertEqual(self.fixed.GetTransformNodeID(), backward.GetID())
+        restore_user_transforms(self.scene, [self.fixed, self.moving])
+        self.assertEqual(self.fixed.GetTransformNodeID(), users[0].GetID())
+        self.assertEqual(self.moving.GetTransformNodeID(), users[1].GetID())
+        self.assertIsNone(self.fixed.GetAttribute(USER_TRANSFORM_ATTRIBUTE))
+
+    def test_restore_without_user_transforms_takes_volumes_off_the_module_transforms(self):
+        forward, backward = self._module_transforms()
+        show_direction(self.scene, self.fixed, self.moving, forward, backward, forward=True)
+        restore_user_transforms(self.scene, [self.fixed, self.moving])
+        self.assertIsNone(self.moving.GetTransformNodeID())
+
+    def test_checkerboard_and_difference_refuse_without_result_and_leave_nothing(self):
+        # defect 5: no CLI node, no empty output volume when the comparison cannot be made
+        before = node_counts(self.scene)
+        with self.assertRaisesRegex(ValueError, "Register first"):
+            checkerboard_volume(self.scene, self.fixed, self.moving)
+        with self.assertRaisesRegex(ValueError, "Register first"):
+            difference_volume(self.scene, self.fixed, self.moving, after=True)
+        self.assertEqual(node_counts(self.scene), before)
+        self.assertEqual(self.scene.GetNumberOfNodesByClass("vtkMRMLCommandLineModuleNode"), 0)
+
+    def test_input_problems_are_sentences(self):
+        self.assertIsNone(input_problem(self.fixed, self.moving))
+        self.assertIn("same volume", input_problem(self.fixed, self.fixed))
+        self.assertIn("Select a moving", input_problem(self.fixed, None))
+        labels = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+        self.assertIn("both label maps", input_problem(self.fixed, self.moving, labels, None))
+        self.assertIn("label map", input_problem(labels, self.moving))
+
+    def test_command_passes_quality_only_when_best(self):
+        fast = register_command("python", "f.nrrd", "m.nrrd", "out")
+        self.assertNotIn("--quality", fast)
+        best = register_command("python", "f.nrrd", "m.nrrd", "out", quality="best")
+        self.assertEqual(best[best.index("--quality") + 1], "best")
+        with self.assertRaises(ValueError):
+            register_command("python", "f.nrrd", "m.nrrd", "out", quality="slow")
+
+    def test_runner_reports_an_error_event_and_a_crash(self):
+        failing = RegistrationRunner([PYTHON, "-c", "import json,sys; print(json.dumps({'event': 'progress', "
+                                      "'fraction': 0.5, 'message': 'half'})); print(json.dumps({'event': 'error', "
+                                      "'message': 'bad input'})); sys.exit(2)"], output="unused")
+        self.assertEqual(failing.wait(timeout=60), FAILED)
+        self.assertEqual((failing.fraction, failing.error), (0.5, "bad input"))
+        crash = RegistrationRunner([PYTHON, "-c", "print('Traceback: boom'); raise SystemExit(3)"], output="unused")
+        self.assertEqual(crash.wait(timeout=60), FAILED)
+        self.assertIn("status 3", crash.error)
+        self.assertIn("boom", crash.error)
+
+    def test_cancel_kills_the_process(self):
+        runner = RegistrationRunner([PYTHON, "-c", "import time; time.sleep(60)"], output="unused")
+        runner.poll()
+        self.assertFalse(runner.finished)
+        runner.cancel()
+        self.assertEqual(runner.state, CANCELLED)
+        self.assertIsNotNone(runner.process.returncode)
+
+    def test_exported_volume_reads_back_with_its_geometry(self):
+        folder = tempfile.mkdtemp(prefix="InverseReg-export-")
+        try:
+            path = os.path.join(folder, "fixed.nrrd")
+            write_volume(self.fixed, path)
+            back = sitk.ReadImage(path)
+            original = node_to_image(self.fixed)
+            np.testing.assert_allclose(back.GetOrigin(), original.GetOrigin(), atol=1e-5)
+            np.testing.assert_allclose(back.GetDirection(), original.GetDirection(), atol=1e-6)
+            np.testing.assert_array_equal(sitk.GetArrayFromImage(back), sitk.GetArrayFromImage(original))
+            # the same point in Slicer's RAS and in the file's LPS
+            ras = [0.0] * 4
+            matrix = vtk.vtkMatrix4x4()
+            self.fixed.GetIJKToRASMatrix(matrix)
+            matrix.MultiplyPoint([2.0, 3.0, 4.0, 1.0], ras)
+            lps = back.TransformContinuousIndexToPhysicalPoint((2.0, 3.0, 4.0))
+            np.testing.assert_allclose(np.multiply(ras[:3], [-1, -1, 1]), lps, atol=1e-5)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class RegisteredSceneTests(unittest.TestCase):
+    """One real registration (subprocess), loaded into fresh scenes by the module's own code."""
+
+    folders = TemporaryFolders("InverseReg-test-")
+
+    @classmethod
+    def setUpClass(cls):
+        require_torch()
+        cls.fixed_image, cls.moving_image = synthetic_pair()
+        scene = slicer.vtkMRMLScene()
+        fixed = volume_node(scene, cls.fixed_image, "fixed")
+        moving = volume_node(scene, cls.moving_image, "moving")
+        run = cls.folders.create()
+        inputs = {name: os.path.join(run, f"{name}.nrrd") for name in ("fixed", "moving")}
+        write_volume(fixed, inputs["fixed"])
+        write_volume(moving, inputs["moving"])
+        cls.output = os.path.join(run, "result")
+        runner = RegistrationRunner(register_command(PYTHON, inputs["fixed"], inputs["moving"], cls.output,
+                                                     device="cpu", affine="none"), cls.output, env=library_env())
+        state = runner.wait(timeout=600)
+        if state != DONE:
+            raise AssertionError(f"the registration process failed: {runner.error}")
+        cls.report = runner.report
+        with open(os.path.join(cls.output, "report.json")) as handle:
+            assert json.load(handle) == cls.report
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.folders.release_all()
+
+    def setUp(self):
+        self.scene = slicer.vtkMRMLScene()
+        self.fixed = volume_node(self.scene, self.fixed_image, "fixed")
+        self.moving = volume_node(self.scene, self.moving_image, "moving")
+        self.forward, self.backward, _ = load_result(self.scene, self.fixed, self.moving, self.output)
+
+    def _foreground_points(self, volume, count=200, seed=0):
+        """RAS points at random voxels of the volume's foreground (intensity above 10 %)."""
+        image = node_to_image(volume)
+        array = sitk.GetArrayViewFromImage(image)
+        k, j, i = np.nonzero(array > 0.1 * array.max())
+        pick = np.random.default_rng(seed).choice(len(k), size=min(count, len(k)), replace=False)
+        points = [image.TransformContinuousIndexToPhysicalPoint((float(i[n]), float(j[n]), float(k[n])))
+                  for n in pick]
+        return np.asarray(points) * np.array([-1.0, -1.0, 1.0])
+
+    def test_each_grid_matches_its_volume_and_forward_then_backward_returns(self):
+        for node, volume in ((self.forward, self.fixed), (self.backward, self.moving)):
+            grid = node.GetTransformFromParent()
+            self.assertIsInstance(grid, slicer.vtkOrientedGridTransform)
+            self.assertEqual(grid.GetInterpolationMode(), 0)  # linear, as ITK applies the files
+            image = grid.GetDisplacementGrid()
+            self.assertEqual(image.GetDimensions(), volume.GetImageData().GetDimensions())
+            np.testing.assert_allclose(image.GetSpacing(), volume.GetSpacing(), atol=1e-6)
+            np.testing.assert_allclose(image.GetOrigin(), volume.GetOrigin(), atol=1e-4)
+            direction, volume_direction = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+            volume.GetIJKToRASDirectionMatrix(volume_direction)
+            grid.GetGridDirectionMatrix().DeepCopy(grid.GetGridDirectionMatrix())
+            direction.DeepCopy(grid.GetGridDirectionMatrix())
+            for r in range(3):
+                for c in range(3):
+                    self.assertAlmostEqual(direction.GetElement(r, c), volume_direction.GetElement(r, c), places=6)
+        errors, moved = [], []
+        for point in self._foreground_points(self.fixed):
+            in_moving = map_point(self.forward, point)
+            moved.append(np.linalg.norm(in_moving - point))
+            errors.append(np.linalg.norm(map_point(self.backward, in_moving) - point))
+        self.assertGreater(float(np.mean(moved)), 0.3, "the registration should move points")
+        # the library's own measure of the same thing, on the fixed foreground
+        self.assertLess(float(np.mean(errors)), max(1.5 * self.report["ice_mean_mm"], 0.05))
+
+    def test_registration_roles_name_the_moved_volume(self):
+        moving_role = slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()
+        fixed_role = slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole()
+        self.assertEqual(self.forward.GetNodeReferenceID(moving_role), self.moving.GetID())
+        self.assertEqual(self.forward.GetNodeReferenceID(fixed_role), self.fixed.GetID())
+        # the backward transform moves the fixed volume onto the moving one
+        self.assertEqual(self.backward.GetNodeReferenceID(moving_role), self.fixed.GetID())
+        self.assertEqual(self.backward.GetNodeReferenceID(fixed_role), self.moving.GetID())
+
+    def test_hardening_the_moving_volume_gives_the_librarys_registered_image(self):
+        hardened = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "hardened")
+        image_to_node(node_to_image(self.moving), hardened)
+        hardened.SetAndObserveTransformNodeID(self.forward.GetID())
+        slicer.vtkSlicerTransformLogic().hardenTransform(hardened)
+        self.assertIsNone(hardened.GetTransformNodeID())
+        reference = sitk.Cast(node_to_image(self.fixed), sitk.sitkFloat32)
+        # Slicer resamples onto a grid covering the transformed volume: bring it onto the fixed grid
+        ours = sitk.Resample(sitk.Cast(node_to_image(hardened), sitk.sitkFloat32), reference, sitk.Transform(),
+                             sitk.sitkLinear, 0.0)
+        library = sitk.ReadImage(os.path.join(self.output, "moving_warped.nii.gz"), sitk.sitkFloat32)
+        a, b = sitk.GetArrayFromImage(ours), sitk.GetArrayFromImage(library)
+        inside = sitk.GetArrayFromImage(reference) > 0.1 * float(sitk.GetArrayViewFromImage(reference).max())
+        scale = float(np.abs(b[inside]).mean())
+        untouched = sitk.GetArrayFromImage(sitk.Resample(sitk.Cast(node_to_image(self.moving), sitk.sitkFloat32),
+                                                         reference, sitk.Transform(), sitk.sitkLinear, 0.0))
+        error, before = np.abs(a - b)[inside].mean() / scale, np.abs(untouched - b)[inside].mean() / scale
+        self.assertLess(error, 0.04, f"mean |hardened - moving_warped| is {error:.3f} of the mean intensity")
+        self.assertLess(error, 0.5 * before)
+
+    def test_slicers_reader_takes_the_files_without_warning_and_maps_as_the_nodes(self):
+        for name, node in (("forward.nii.gz", self.forward), ("backward.nii.gz", self.backward)):
+            loaded = self.scene.AddNewNodeByClass("vtkMRMLGridTransformNode", f"loaded {name}")
+            storage = self.scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+            storage.SetFileName(os.path.join(self.output, name))
+            self.assertEqual(storage.ReadData(loaded), 1)
+            messages = storage.GetUserMessages()
+            self.assertEqual(messages.GetNumberOfMessages(), 0,
+                             [messages.GetNthMessageText(i) for i in range(messages.GetNumberOfMessages())])
+            self.assertEqual(loaded.GetTransformFromParent().GetInterpolationMode(), 2)  # Slicer's reader: cubic
+            loaded.GetTransformFromParent().SetInterpolationModeToLinear()
+            volume = self.fixed if name.startswith("forward") else self.moving
+            for point in self._foreground_points(volume, 50):
+                np.testing.assert_allclose(map_point(loaded, point), map_point(node, point), atol=1e-4)
+
+    def _save_and_reload(self, kind: str, folder: str):
+        scene = self.scene
+        if kind == "mrml":
+            nodes = scene.GetNodes()
+            for index in range(nodes.GetNumberOfItems()):
+                node = nodes.GetItemAsObject(index)
+                if node.IsA("vtkMRMLStorableNode") and not node.IsA("vtkMRMLStorageNode") \
+                        and not node.GetHideFromEditors() and node.GetStorageNode() is None:
+                    if node.AddDefaultStorageNode():
+                        storage = node.GetStorageNode()
+                        storage.SetFileName(os.path.join(folder, f"{node.GetID()}{storage.GetDefaultWriteFileExtension() and '.' + storage.GetDefaultWriteFileExtension()}"))
+                        self.assertEqual(storage.WriteData(node), 1, node.GetName())
+            scene.SetURL(os.path.join(folder, "scene.mrml"))
+            self.assertEqual(scene.Commit(), 1)
+            loaded = slicer.vtkMRMLScene()
+            loaded.SetURL(os.path.join(folder, "scene.mrml"))
+            self.assertEqual(loaded.Connect(), 1)
+        else:
+            for target in (scene,):
+                target.SetCacheManager(slicer.vtkCacheManager())
+                target.SetDataIOManager(slicer.vtkDataIOManager())
+            path = os.path.join(folder, "scene.mrb")
+            self.assertTrue(scene.WriteToMRB(path))
+            loaded = slicer.vtkMRMLScene()
+            loaded.SetCacheManager(slicer.vtkCacheManager())
+            loaded.SetDataIOManager(slicer.vtkDataIOManager())
+            self.assertTrue(loaded.ReadFromMRB(path))
+        return loaded
+
+    def _scene_round_trip(self, kind: str):
+        parameters = self.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", "InverseReg")
+        parameters.SetAttribute("ModuleName", "InverseReg")
+        parameters.SetParameter("quality", "best")
+        for role, node in (("fixedVolume", self.fixed), ("movingVolume", self.moving),
+                           ("forwardTransform", self.forward), ("backwardTransform", self.backward)):
+            parameters.SetNodeReferenceID(role, node.GetID())
+        composite = self.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName("Red")
+        show_comparison(self.scene, self.fixed, self.moving, self.forward, self.backward, "difference")
+        show_direction(self.scene, self.fixed, self.moving, self.forward, self.backward, forward=True)
+        points = self._foreground_points(self.fixed, 80)
+        expected = [map_point(self.forward, p) for p in points]
+        counts = node_counts(self.scene)
+        folder = tempfile.mkdtemp(prefix=f"InverseReg-{kind}-")
+        try:
+            loaded = self._save_and_reload(kind, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        forward = loaded.GetNodeByID(self.forward.GetID())
+        backward = loaded.GetNodeByID(self.backward.GetID())
+        self.assertEqual(forward.GetAttribute(ROLE_ATTRIBUTE), FORWARD)
+        cubic = max(np.linalg.norm(map_point(forward, p) - e) for p, e in zip(points, expected))
+        self.assertEqual(restore_interpolation(loaded), 2)
+        linear = max(np.linalg.norm(map_point(forward, p) - e) for p, e in zip(points, expected))
+        self.assertLess(linear, 0.01, f"reloaded forward transform moves points by up to {linear:.4f} mm")
+        self.assertGreater(cubic, linear)  # what the reader alone gives (Slicer's cubic): what was fixed
+        moving_role = slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole()
+        self.assertEqual(backward.GetNodeReferenceID(moving_role), self.fixed.GetID())
+        self.assertEqual(loaded.GetNodeByID(self.moving.GetID()).GetTransformNodeID(), forward.GetID())
+        node = loaded.GetNodeByID(parameters.GetID())
+        self.assertEqual(node.GetParameter("quality"), "best")
+        self.assertEqual(node.GetNodeReferenceID("forwardTransform"), forward.GetID())
+        composite_loaded = loaded.GetNodeByID(composite.GetID())
+        difference = find_node(self.scene, "difference")
+        self.assertEqual(composite_loaded.GetBackgroundVolumeID(), difference.GetID())
+        self.assertIsNotNone(loaded.GetNodeByID(difference.GetID()).GetImageData())
+        after = node_counts(loaded)
+        # storage nodes are what saving adds; nothing else may appear or go missing
+        strip = lambda c: {k: v for k, v in c.items() if "Storage" not in k}  # noqa: E731
+        self.assertEqual(strip(after), strip(counts))
+
+    def test_scene_saved_as_mrml_loads_back_the_same(self):
+        self._scene_round_trip("mrml")
+
+    def test_scene_saved_as_mrb_loads_back_the_same(self):
+        self._scene_round_trip("mrb")
+
+    def test_rerun_updates_the_same_nodes(self):
+        show_comparison(self.scene, self.fixed, self.moving, self.forward, self.backward, "checkerboard")
+        counts = node_counts(self.scene)
+        forward, backward, _ = load_result(self.scene, self.fixed, self.moving, self.output,
+                                           self.forward, self.backward)
+        self.assertEqual((forward.GetID(), backward.GetID()), (self.forward.GetID(), self.backward.GetID()))
+        show_comparison(self.scene, self.fixed, self.moving, forward, backward, "checkerboard")
+        self.assertEqual(node_counts(self.scene), counts)
+        self.assertEqual(len([n for n in (find_node(self.scene, REGISTERED, self.moving),
+                                          find_node(self.scene, REGISTERED, self.fixed)) if n]), 2)
+
+    def test_difference_is_signed_and_smaller_after_registration(self):
+        # defect 4: both signs of the misalignment are in the volume; Subtract compositing would
+        # have shown only max(0, fixed - moving)
+        for forward in (True, False):
+            before = difference_volume(self.scene, self.fixed, self.moving, forward, after=False)
+            values_before = sitk.GetArrayFromImage(node_to_image(before))
+            after = difference_volume(self.scene, self.fixed, self.moving, forward, after=True)
+            values_after = sitk.GetArrayFromImage(node_to_image(after))
+            self.assertLess(values_before.min(), -0.1 * values_before.max())
+            self.assertGreater(values_before.max(), 0)
+            self.assertLess(np.abs(values_after).mean(), 0.7 * np.abs(values_before).mean())
+            self.assertNotEqual(before.GetID(), after.GetID())
+
+    def test_every_view_rendered_offscreen(self):
+        from .render import SliceRenderer
+        renderer = SliceRenderer(self.scene, size=(220, 240))
+        pictures = {}
+        for name, mode, forward in (("difference_before", "differenceBefore", True),
+                                    ("difference_after", "difference", True), ("blend", "blend", True),
+                                    ("checkerboard", "checkerboard", True),
+                                    ("backward_blend", "blend", False),
+                                    ("backward_difference_after", "difference", False)):
+            show_comparison(self.scene, self.fixed, self.moving, self.forward, self.backward, mode, forward)
+            renderer.fit()
+            pictures[name] = renderer.rgba().astype(float)
+            if FIGURES_DIR:
+                renderer.save_png(os.path.join(FIGURES_DIR, f"slicer_{name}.png"))
+        for picture in pictures.values():
+            self.assertGreater(picture[..., :3].std(), 5.0)  # something is drawn
+        # distance of each pixel from white (the diverging table's colour at zero difference)
+        ink = {k: (255.0 - pictures[k][..., :3]).sum(-1).mean() for k in ("difference_before", "difference_after")}
+        self.assertLess(ink["difference_after"], 0.7 * ink["difference_before"], ink)
+        # both signs appear: blue-ish (negative) and red-ish (positive) pixels
+        rgb = pictures["difference_before"][..., :3]
+        self.assertGreater(((rgb[..., 2] - rgb[..., 0]) > 60).mean(), 0.005)
+        self.assertGreater(((rgb[..., 0] - rgb[..., 2]) > 60).mean(), 0.005)
+        self.assertGreater(np.abs(pictures["blend"] - pictures["backward_blend"]).mean(), 1.0)
+
+
+ALL_TEST_CASES = (SceneBasicsTests, RegisteredSceneTests)
+
+
+def run_all(verbosity: int = 2) -> unittest.TestResult:
+    """Run every scene test (what ``InverseRegTest`` does inside Slicer)."""
+    suite = unittest.TestSuite(unittest.defaultTestLoader.loadTestsFromTestCase(case) for case in ALL_TEST_CASES)
+    return unittest.TextTestRunner(verbosity=verbosity).run(suite)
