@@ -19,6 +19,7 @@ import os
 import numpy as np
 import SimpleITK as sitk
 import slicer
+import vtk
 
 from . import ROLE_ATTRIBUTE
 from .volumes import image_to_node
@@ -69,10 +70,11 @@ def restore_interpolation(scene) -> int:
         node = scene.GetNthNodeByClass(index, "vtkMRMLGridTransformNode")
         if node.GetAttribute(INTERPOLATION_ATTRIBUTE) != "linear":
             continue
-        for transform in (node.GetTransformFromParent(), node.GetTransformToParent()):
-            if isinstance(transform, slicer.vtkOrientedGridTransform) and transform.GetInterpolationMode() != 0:
+        transform = node.GetTransformFromParent()
+        if isinstance(transform, slicer.vtkOrientedGridTransform):
+            if transform.GetInterpolationMode() != vtk.VTK_LINEAR_INTERPOLATION:
                 transform.SetInterpolationModeToLinear()
-                count += 1
+            count += 1
     return count
 
 

@@ -122,11 +122,21 @@ def _reference_and_other(fixed, moving, forward: bool):
     return (fixed, moving) if forward else (moving, fixed)
 
 
+def remove_volume(scene, node) -> None:
+    """Remove a volume node with its display and storage nodes (RemoveNode alone leaves them)."""
+    helpers = [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+    helpers += [node.GetNthStorageNode(i) for i in range(node.GetNumberOfStorageNodes())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and scene.IsNodePresent(helper):
+            scene.RemoveNode(helper)
+
+
 def remove_derived_volumes(scene) -> None:
     """Remove difference and checkerboard volumes (recomputed on demand from the current result)."""
     for role in (DIFFERENCE, CHECKERBOARD):
         for node in nodes_with_role(scene, role):
-            scene.RemoveNode(node)
+            remove_volume(scene, node)
 
 
 def _derived_node(scene, role: str, key: str, name: str):
