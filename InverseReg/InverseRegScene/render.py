@@ -20,12 +20,15 @@ class SliceRenderer:
         self.colors = slicer.vtkMRMLColorLogic()
         self.colors.SetMRMLScene(scene)
         self.application.SetColorLogic(self.colors)
-        self.node = slicer.vtkMRMLSliceNode()
+        # the presets go on the scene's default slice node, so they must come before the node
+        slicer.vtkMRMLSliceNode.AddDefaultSliceOrientationPresets(scene)
+        self.node = scene.CreateNodeByClass("vtkMRMLSliceNode")
+        self.node.UnRegister(None)  # CreateNodeByClass hands over a reference
         self.node.SetName(name)
         self.node.SetLayoutName(name)
-        self.node.AddDefaultSliceOrientationPresets(scene)
-        self.node.SetOrientation(orientation)
         scene.AddNode(self.node)
+        if not self.node.SetOrientation(orientation):
+            raise ValueError(f"unknown slice orientation '{orientation}'")
         self.logic = slicer.vtkMRMLSliceLogic()
         self.logic.SetMRMLApplicationLogic(self.application)
         self.logic.SetMRMLScene(scene)
