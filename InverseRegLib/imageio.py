@@ -83,7 +83,7 @@ def write_image_atomic(image: sitk.Image, path, compress: bool = True) -> None:
         raise
 
 
-def write_displacement_field(field: sitk.Image, path) -> None:
+def write_displacement_field(field: sitk.Image, path, chunk_bytes: int = 8 << 20) -> None:
     """Write an ITK displacement field (3 components, LPS mm) as a NIfTI displacement-vector
     file (intent code 1006, NIFTI_INTENT_DISPVECT), atomically (temporary sibling, then rename).
 
@@ -93,9 +93,19 @@ def write_displacement_field(field: sitk.Image, path) -> None:
     reader) flips x and y back to LPS when it reads intent 1006. So the vectors go to disk with x
     and y negated and intent 1006 is put into the header; every one of those readers then gets
     exactly ``field``'s values back (Testing/Python/test_slicer_fields.py checks each).
+
+    ``.nii.gz`` is compressed at zlib level 1 in ``chunk_bytes`` pieces on all cores (zlib
+    releases the GIL), each piece a gzip member of its own: a multi-member gzip file, which zlib,
+    ITK, ANTs, nibabel and Python's gzip all read as one stream.
+
+    One consequence of intent 1006: SimpleITK keeps ``intent_code`` in the metadata of an image
+    it read from such a file, and its NIfTI writer then refuses that image ("RAS conversion
+    requires pixel to be 3-component vector"). To save a copy as NIfTI, use this function (or
+    erase the image's metadata first); other formats (.mha, .nrrd) are not affected.
     """
     import gzip
     import struct
+    from concurrent.futures import ThreadPoolExecutor
 
     path = Path(path)
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
@@ -113,15 +123,19 @@ def write_displacement_field(field: sitk.Image, path) -> None:
     _permissions(tmp)
     try:
         sitk.WriteImage(ras, plain, False)
-        header = bytearray(Path(plain).read_bytes())
-        if struct.unpack_from("<i", header, 0)[0] != 348:
+        data = bytearray(Path(plain).read_bytes())
+        if struct.unpack_from("<i", data, 0)[0] != 348:
             raise InverseRegError(f"{path.name}: SimpleITK did not write a little-endian NIfTI-1 header")
-        struct.pack_into("<h", header, 68, 1006)  # intent_code: NIFTI_INTENT_DISPVECT
-        if path.name.endswith(".gz"):
-            with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as out:
-                out.write(header)
-        else:
-            Path(tmp).write_bytes(header)
+        struct.pack_into("<h", data, 68, 1006)  # intent_code: NIFTI_INTENT_DISPVECT
+        with open(tmp, "wb") as out:
+            if path.name.endswith(".gz"):
+                view = memoryview(data)
+                pieces = [view[start:start + chunk_bytes] for start in range(0, len(view), chunk_bytes)]
+                with ThreadPoolExecutor(max_workers=min(len(pieces), os.cpu_count() or 1)) as pool:
+                    for member in pool.map(lambda piece: gzip.compress(piece, compresslevel=1, mtime=0), pieces):
+                        out.write(member)
+            else:
+                out.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -26,10 +26,11 @@ def _intent(path):
     return struct.unpack_from("<h", gzip.open(path).read(348), 68)[0]
 
 
-def test_written_field_has_intent_1006_and_simpleitk_reads_the_same_values(tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [8 << 20, 4096])  # one gzip member, and many
+def test_written_field_has_intent_1006_and_simpleitk_reads_the_same_values(tmp_path, chunk_bytes):
     image, _ = _field()
     path = tmp_path / "forward.nii.gz"
-    write_displacement_field(image, path)
+    write_displacement_field(image, path, chunk_bytes=chunk_bytes)
     assert _intent(path) == 1006
     back = sitk.ReadImage(str(path))
     assert back.GetPixelID() == sitk.sitkVectorFloat64  # DisplacementFieldTransform takes it as read
@@ -43,7 +44,7 @@ def test_ants_reads_the_same_values(tmp_path):
     ants = pytest.importorskip("ants")
     image, _ = _field()
     path = tmp_path / "forward.nii.gz"
-    write_displacement_field(image, path)
+    write_displacement_field(image, path, chunk_bytes=4096)  # a multi-member gzip file
     read = ants.image_read(str(path))
     assert read.components == 3
     # ANTs arrays are (I, J, K, 3); SimpleITK's are (K, J, I, 3)
@@ -65,7 +66,7 @@ def _slicer_read(path):
 def test_slicer_reads_without_warning_and_maps_points_as_simpleitk(tmp_path):
     image, geometry = _field()
     path = tmp_path / "forward.nii.gz"
-    write_displacement_field(image, path)
+    write_displacement_field(image, path, chunk_bytes=4096)
     node, messages = _slicer_read(path)
     assert messages == [], messages
     grid = node.GetTransformFromParent()
