@@ -5,7 +5,6 @@ Slicer's own MRML core by pytest and by InverseRegTest); every numeric step live
 Heavy imports (torch, InverseRegLib, SimpleITK, numpy) happen on use, never at module load, so a
 missing PyTorch cannot break Slicer's start-up or this module's GUI.
 """
-import logging
 import os
 import sys
 from typing import Annotated, Optional

@@ -56,7 +56,8 @@ def volume_node(scene, image: sitk.Image, name: str):
 
 
 def synthetic_pair():
-    sys.path.insert(0, LIBRARY_DIR) if LIBRARY_DIR not in sys.path else None
+    if LIBRARY_DIR not in sys.path:
+        sys.path.insert(0, LIBRARY_DIR)
     from InverseRegLib.synthetic import make_pair
     fixed, moving, _, _ = make_pair(size=(48, 56, 48), spacing=(3.4, 3.4, 3.4), seed=2)
     return fixed, moving
