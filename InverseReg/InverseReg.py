@@ -114,6 +114,7 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         self.cancelRegistration()
         if self.logic:
+            self.logic.stopWorker()
             self.logic.releaseOutputs()
         self.removeObservers()
 
@@ -256,6 +257,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         _importLibrary()
         from InverseRegScene.folders import TemporaryFolders
         self.folders = TemporaryFolders()  # only these are ever deleted
+        self.worker = None  # the persistent registration process (InverseRegScene.runner.RegistrationWorker)
         self.lastOutputDir = None  # the folder of the result in the scene
         self.comparisonMode = "difference"
 
@@ -307,21 +309,19 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
                                "run InverseReg from a regular Slicer installation.")
         return python
 
-    def buildCommand(self, parameters, inputs: dict, outputDir: str) -> list:
-        from InverseRegScene.runner import register_command
-        return register_command(self.pythonSlicerExecutable(), inputs["fixed"], inputs["moving"], outputDir,
-                                device=parameters.device, affine=parameters.affine,
-                                passes=int(parameters.networkPasses), refine=int(parameters.refineSteps),
-                                quality=parameters.quality, model=parameters.modelPath,
-                                fixed_labels=inputs.get("fixedLabels", ""), moving_labels=inputs.get("movingLabels", ""))
+    @staticmethod
+    def registrationOptions(parameters) -> dict:
+        return dict(device=parameters.device, affine=parameters.affine, passes=int(parameters.networkPasses),
+                    refine=int(parameters.refineSteps), quality=parameters.quality, model=parameters.modelPath)
 
     def startRegistration(self, parameters):
-        """Export copies of the inputs to a new temporary folder and start the process; returns
-        an ``InverseRegScene.runner.RegistrationRunner`` (the caller polls it)."""
+        """Export copies of the inputs to a new temporary folder and send the request to the
+        persistent worker process (started on first use, and again after a cancel); returns a
+        job with the runner interface (``poll``, ``finished``, ``error``, ``output``, ``cancel``)."""
         problem = self.inputProblem(parameters)
         if problem:
             raise ValueError(problem)
-        from InverseRegScene.runner import RegistrationRunner
+        from InverseRegScene.runner import RegistrationWorker
         from InverseRegScene.volumes import write_volume
         run = self.folders.create()
         try:
@@ -332,16 +332,21 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
                 if node is not None:
                     inputs[key] = os.path.join(run, f"{key}.nrrd")
                     write_volume(node, inputs[key])
-            outputDir = os.path.join(run, "result")
-            env = dict(os.environ)
-            env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            env["PYTHONUNBUFFERED"] = "1"
-            return RegistrationRunner(self.buildCommand(parameters, inputs, outputDir), outputDir, env=env)
+            if self.worker is None:
+                env = dict(os.environ)
+                env["PYTHONPATH"] = MODULE_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+                env["PYTHONUNBUFFERED"] = "1"
+                self.worker = RegistrationWorker(self.pythonSlicerExecutable(), env)
+            return self.worker.submit(inputs["fixed"], inputs["moving"], os.path.join(run, "result"),
+                                      fixed_labels=inputs.get("fixedLabels", ""),
+                                      moving_labels=inputs.get("movingLabels", ""),
+                                      **self.registrationOptions(parameters))
         except BaseException:
             self.folders.release(run)
             raise
 
     def cancelRegistration(self, process) -> None:
+        """Cancel kills the worker (the scene is untouched); the next Register starts a new one."""
         process.cancel()
         self.discardRun(process)
 
@@ -349,10 +354,15 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         """Delete a run's temporary folder (failed or cancelled: the scene never saw it)."""
         self.folders.release(process.output)
 
+    def stopWorker(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+
     def registerBlocking(self, parameters) -> dict:
         """Register and apply the result without a GUI (scripts); returns the report."""
         process = self.startRegistration(parameters)
-        process.wait()
+        process.wait(timeout=3600)
         if process.error:
             self.discardRun(process)
             raise RuntimeError(process.error)

@@ -245,12 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("worker", help="serve register requests, one JSON line each on stdin (the Slicer module's process)")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("demo", help="register a built-in synthetic pair and draw overview.png")
     p.add_argument("-o", "--output", default="demo_output")
     p.add_argument("--quiet", action="store_true")
     add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser
+
+
+def cmd_worker(args) -> int:
+    from .worker import serve
+    return serve()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,3 +120,148 @@ class RegistrationRunner:
             self.process.wait()
         self._reader.join(timeout=5)
         self.state = CANCELLED
+
+
+def register_request(request_id: str, fixed: str, moving: str, output: str, device: str = "auto",
+                     affine: str = "affine", passes: int = 2, refine: int = 0, quality: str = "fast",
+                     model: str = "", fixed_labels: str = "", moving_labels: str = "") -> dict:
+    """One request for ``inversereg worker``: the same options as :func:`register_command`."""
+    command = register_command("python", fixed, moving, output, device, affine, passes, refine, quality, model,
+                               fixed_labels, moving_labels)
+    options = {}
+    flags = command[command.index("-o") + 2:]
+    for index in range(0, len(flags), 2):
+        if flags[index] != "--progress":
+            options[flags[index][2:].replace("-", "_")] = flags[index + 1]
+    return {"id": request_id, "fixed": fixed, "moving": moving, "output": output, "options": options}
+
+
+class WorkerJob:
+    """One request to a :class:`RegistrationWorker`, with the interface of
+    :class:`RegistrationRunner` (``poll``, ``finished``, ``wait``, ``cancel``)."""
+
+    def __init__(self, worker: "RegistrationWorker", request_id: str, output: str,
+                 on_progress: Optional[Callable[[float, str], None]] = None) -> None:
+        self.worker, self.request_id, self.output, self.on_progress = worker, request_id, output, on_progress
+        self.state, self.error, self.fraction, self.message = RUNNING, None, 0.0, "waiting for the worker"
+        self.report: Optional[dict] = None
+        self.events: queue.Queue = queue.Queue()
+
+    def poll(self) -> list:
+        events = []
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                break
+            events.append(event)
+            kind = event.get("event")
+            if kind == "progress":
+                self.fraction, self.message = float(event.get("fraction", 0.0)), str(event.get("message", ""))
+                if self.on_progress:
+                    self.on_progress(self.fraction, self.message)
+            elif kind == "error" and self.state == RUNNING:
+                self.error, self.state = str(event.get("message", "unknown error")), FAILED
+            elif kind == "done" and self.state == RUNNING:
+                self.report, self.state = event.get("report"), DONE
+            elif kind == "exit" and self.state == RUNNING:
+                self.error, self.state = event["message"], FAILED
+        return events
+
+    @property
+    def finished(self) -> bool:
+        return self.state != RUNNING
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        import time
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.poll()
+            if self.finished:
+                return self.state
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+            time.sleep(0.05)
+
+    def cancel(self) -> None:
+        """Kill the worker (the only way to stop a running registration); the next request starts
+        a new one."""
+        self.worker.stop()
+        self.state = CANCELLED
+
+
+class RegistrationWorker:
+    """A persistent ``<python> -m InverseRegLib worker`` process: torch and the network code are
+    imported once, so later registrations skip that start-up. Requests run one at a time, in
+    order. If the process is gone (cancelled, crashed), :meth:`submit` starts a new one."""
+
+    def __init__(self, python: str, env: Optional[dict] = None) -> None:
+        self.python, self.env = python, env
+        self.process: Optional[subprocess.Popen] = None
+        self._jobs: dict = {}
+        self._lock = threading.Lock()
+        self._count = 0
+        self._log: list = []
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def start(self) -> None:
+        options = {}
+        if os.name == "nt":
+            info = subprocess.STARTUPINFO()
+            info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+            info.wShowWindow = 0
+            options["startupinfo"] = info
+        self.process = subprocess.Popen([self.python, "-m", "InverseRegLib", "worker"], env=self.env,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, bufsize=1, **options)
+        threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
+
+    def _read(self, process: subprocess.Popen) -> None:
+        for line in process.stdout:
+            line = line.strip()
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):
+                if line:
+                    self._log.append(line)
+                    logging.info("InverseReg worker: %s", line)
+                continue
+            with self._lock:
+                job = self._jobs.get(event.get("id"))
+            if job is not None:
+                job.events.put(event)
+            elif event.get("event") == "error":  # a request the worker could not even read
+                logging.warning("InverseReg worker: %s", event.get("message"))
+        code = process.wait()
+        last = self._log[-1] if self._log else ""
+        with self._lock:
+            pending = list(self._jobs.values())
+            self._jobs.clear()
+        for job in pending:  # requests the process took with it
+            job.events.put({"event": "exit", "message": f"the registration worker ended with status {code}"
+                            + (f": {last}" if last else "")})
+
+    def submit(self, fixed: str, moving: str, output: str,
+               on_progress: Optional[Callable[[float, str], None]] = None, **options) -> WorkerJob:
+        if not self.alive:
+            self.start()
+        self._count += 1
+        request = register_request(str(self._count), fixed, moving, output, **options)
+        job = WorkerJob(self, request["id"], output, on_progress)
+        with self._lock:
+            self._jobs[request["id"]] = job
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return job
+
+    def stop(self) -> None:
+        """Kill the process (cancel) or, between requests, end it."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None

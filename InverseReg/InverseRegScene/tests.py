@@ -25,7 +25,7 @@ from . import ROLE_ATTRIBUTE
 from .checks import input_problem, torch_available
 from .folders import TemporaryFolders
 from .results import (BACKWARD, FORWARD, REGISTERED, find_node, load_result, map_point, restore_interpolation)
-from .runner import CANCELLED, DONE, FAILED, RegistrationRunner, register_command
+from .runner import CANCELLED, DONE, FAILED, RegistrationRunner, RegistrationWorker, register_command
 from .views import (USER_TRANSFORM_ATTRIBUTE, checkerboard_volume, difference_volume, restore_user_transforms,
                     show_comparison, show_direction)
 from .volumes import image_to_node, node_to_image, write_volume
@@ -418,6 +418,39 @@ class RegisteredSceneTests(unittest.TestCase):
         self.assertEqual(node_counts(self.scene), counts)
         self.assertEqual(len([n for n in (find_node(self.scene, REGISTERED, self.moving),
                                           find_node(self.scene, REGISTERED, self.fixed)) if n]), 2)
+
+    def test_worker_answers_requests_in_turn_and_a_cancel_ends_it(self):
+        """The persistent worker the module uses: a bad request is answered and the worker lives
+        on; a good one gives the result the one-shot command gave; cancel kills it; the next
+        request starts a new one."""
+        worker = RegistrationWorker(PYTHON, env=library_env())
+        run = self.folders.create()
+        try:
+            inputs = [os.path.join(os.path.dirname(self.output), f"{name}.nrrd") for name in ("fixed", "moving")]
+            bad = worker.submit(inputs[0], os.path.join(run, "missing.nrrd"), os.path.join(run, "bad"), device="cpu")
+            self.assertEqual(bad.wait(timeout=300), FAILED)
+            self.assertIn("missing.nrrd", bad.error)
+            self.assertTrue(worker.alive)
+            good = worker.submit(*inputs, os.path.join(run, "good"), device="cpu", affine="none")
+            self.assertEqual(good.wait(timeout=300), DONE, good.error)
+            self.assertGreater(good.fraction, 0.9)
+            for key in ("ice_mean_mm", "folding_percent_forward", "model_id"):
+                self.assertEqual(good.report[key], self.report[key], key)
+            scene = slicer.vtkMRMLScene()
+            fixed, moving = volume_node(scene, self.fixed_image, "fixed"), volume_node(scene, self.moving_image, "moving")
+            forward, _, _ = load_result(scene, fixed, moving, good.output)
+            for point in self._foreground_points(self.fixed, 20):
+                np.testing.assert_allclose(map_point(forward, point), map_point(self.forward, point), atol=1e-4)
+            slow = worker.submit(*inputs, os.path.join(run, "slow"), device="cpu", refine=200)
+            slow.cancel()
+            self.assertEqual(slow.state, CANCELLED)
+            self.assertFalse(worker.alive)
+            again = worker.submit(inputs[0], os.path.join(run, "missing.nrrd"), os.path.join(run, "again"), device="cpu")
+            self.assertEqual(again.wait(timeout=300), FAILED)
+            self.assertTrue(worker.alive)
+        finally:
+            worker.stop()
+            self.folders.release(run)
 
     def test_difference_is_signed_and_smaller_after_registration(self):
         # defect 4: both signs of the misalignment are in the volume; Subtract compositing would
