@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core, cp311 manylinux wheel) is not installed")
+slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML core, cp311 manylinux wheel) is not installed")
+if not hasattr(slicer, "vtkMRMLScene"):  # PyPI has an unrelated package named "slicer" (used by shap)
+    pytest.skip("the 'slicer' module here is not slicer-core (no vtkMRMLScene)", allow_module_level=True)
 sys.path.insert(0, str(ROOT / "InverseReg"))
 
 from InverseRegScene import tests as scene_tests  # noqa: E402
