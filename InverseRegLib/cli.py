@@ -22,14 +22,55 @@ from .errors import InverseRegError
 from .presets import PRESETS
 
 
+class _TextBar:
+    """What ``--progress bar`` shows when tqdm (an optional extra) is not installed: one plain
+    line on stderr per new message or 10 % step, so a log file stays readable."""
+
+    def __init__(self, description: str, total: int = 100, unit: str = "%"):
+        self.description, self.total, self.unit = description, total, unit
+        self.n, self._shown, self._postfix = 0, None, ""
+
+    def update(self, amount: float) -> None:
+        self.n += amount
+        self._show()
+
+    def set_postfix_str(self, text: str) -> None:
+        self._postfix = text
+        self._show()
+
+    def _show(self) -> None:
+        if self.total:
+            state = (int(10 * self.n / self.total), self._postfix)
+            text = f"{round(100 * self.n / self.total):3d} %"
+        else:
+            state = (int(self.n), self._postfix)
+            text = f"{int(self.n)} {self.unit}"
+        if state != self._shown:
+            self._shown = state
+            print(f"{self.description}: {text} {self._postfix}".rstrip(), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+def _bar(description: str, total: int | None = 100, unit: str = "%"):
+    """A tqdm bar when tqdm is installed (the ``train`` extra), else :class:`_TextBar`."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _TextBar(description, total or 0, unit)
+    if unit == "%":
+        return tqdm(total=total, desc=description, unit=unit, bar_format="{l_bar}{bar}| {postfix}")
+    return tqdm(total=total, desc=description, unit=unit)
+
+
 class _Progress:
     """Progress sink for the three ``--progress`` modes."""
 
     def __init__(self, mode: str, description: str):
         self.mode, self.bar, self.last = mode, None, 0.0
         if mode == "bar":
-            from tqdm import tqdm
-            self.bar = tqdm(total=100, desc=description, unit="%", bar_format="{l_bar}{bar}| {postfix}")
+            self.bar = _bar(description)
 
     def __call__(self, fraction: float, message: str) -> None:
         fraction = min(max(float(fraction), 0.0), 1.0)
@@ -120,10 +161,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from tqdm import tqdm
-
     from .evaluate import evaluate_folder
-    bar = tqdm(desc="evaluate", unit="pair")
+    bar = _bar("evaluate", None, "pair")
 
     def on_pair(done: int, total: int) -> None:
         bar.total = total
