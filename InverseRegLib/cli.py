@@ -98,13 +98,13 @@ def _affine_arg(args) -> str | None:
 
 
 def cmd_register(args) -> int:
-    from .imageio import read_image, read_label, prepare_output_dir
+    from .imageio import check_output_dir, read_image, read_label
     from .modelfile import load_model
     from .outputs import write_result
     from .pipeline import register
 
     inputs = [args.fixed, args.moving, args.fixed_seg, args.moving_seg]
-    prepare_output_dir(args.output, inputs)  # refuse a bad output folder before any work
+    check_output_dir(args.output, inputs)  # refuse a bad output folder before any work; created when writing
     if (args.fixed_seg is None) != (args.moving_seg is None):
         raise InverseRegError("--fixed-seg and --moving-seg go together")
     fixed = read_image(args.fixed, role="fixed image")
