@@ -41,9 +41,16 @@ RUNNER = textwrap.dedent("""
     (entry,) = [e for e in dist.entry_points if e.group == "console_scripts" and e.name == "inversereg"]
     import InverseRegLib
     assert InverseRegLib.__file__.startswith(target), InverseRegLib.__file__
-    code = entry.load()(argv)
-    print("LOADED", json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in blocked)))
-    sys.exit(code)
+    import os
+    exit_now = os._exit
+
+    def report_and_exit(code):  # the command ends with os._exit: say first what it imported
+        print("LOADED", json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in blocked)), flush=True)
+        exit_now(code)
+
+    os._exit = report_and_exit
+    sys.argv = ["inversereg", *argv]
+    entry.load()()
 """)
 
 
