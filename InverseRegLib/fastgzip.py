@@ -52,6 +52,22 @@ def gzip_file(source, target, level: int = LEVEL, strategy: int = STRATEGY, thre
                 writer.write(future.result())
 
 
+def gzip_bytes(data: bytes, target, level: int = LEVEL, strategy: int = STRATEGY, threads: int = 1) -> None:
+    """:func:`gzip_file` for data already in memory (e.g. a NIfTI file whose header was edited)."""
+    view = memoryview(data)
+    blocks = [view[i:i + BLOCK] for i in range(0, len(view), BLOCK)] or [view[:0]]
+    with open(Path(target), "wb") as writer:
+        if threads <= 1:
+            compressor = zlib.compressobj(level, zlib.DEFLATED, 31, 8, strategy)
+            for block in blocks:
+                writer.write(compressor.compress(block))
+            writer.write(compressor.flush())
+            return
+        with ThreadPoolExecutor(threads) as pool:
+            for member in pool.map(lambda block: _member(block, level, strategy), blocks):
+                writer.write(member)
+
+
 def default_threads() -> int:
     """Threads for compression: the CPUs this process may use, at most 4."""
     try:

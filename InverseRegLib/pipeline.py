@@ -182,8 +182,10 @@ def register(
         if cancel is not None and cancel():
             raise Cancelled("registration cancelled")
 
-    fixed = sitk.Cast(validate_image(fixed, "fixed image"), sitk.sitkFloat32)
-    moving = sitk.Cast(validate_image(moving, "moving image"), sitk.sitkFloat32)
+    fixed, moving = validate_image(fixed, "fixed image"), validate_image(moving, "moving image")
+    # no second copy of an input that is float32 already (the command line reads it so)
+    fixed = fixed if fixed.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(fixed, sitk.sitkFloat32)
+    moving = moving if moving.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(moving, sitk.sitkFloat32)
     if refine < 0:
         raise InverseRegError(f"refine must be >= 0, got {refine}")
     passes = DEFAULT_PASSES if passes is None else passes
@@ -218,6 +220,8 @@ def register(
     # the default normalisation of the full fixed image serves the grid centre and the QA mask
     fixed_normalized = normalize(sitk.GetArrayViewFromImage(fixed))
     geometry = model_geometry(model, fixed, fixed_normalized)
+    fixed_mask = foreground_mask(fixed, normalized=fixed_normalized)  # 1 byte per voxel, not 4
+    del fixed_normalized
     fixed_on_model = sitk.GetArrayFromImage(resample_to(fixed, geometry))
     moving_on_model = sitk.GetArrayFromImage(resample_to(moving, geometry, transform))
     target = normalize(fixed_on_model, model.normalization)
@@ -237,6 +241,8 @@ def register(
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
     forward_image = field_to_image(forward, fixed_geometry)
     backward_image = field_to_image(backward, moving_geometry)
+    # from here on the arrays are views of the images (no second copy of a large field)
+    forward, backward = sitk.GetArrayViewFromImage(forward_image), sitk.GetArrayViewFromImage(backward_image)
     t_fields = time.perf_counter() - t_start
     check_cancel()
     report_progress(0.75, "warping the images")
@@ -246,8 +252,6 @@ def register(
 
     report_progress(0.85, "measuring folding and inverse consistency")
     t0 = time.perf_counter()
-    fixed_mask = foreground_mask(fixed, normalized=fixed_normalized)
-    del fixed_normalized
     # folding where the fields come from (the model grid; see quality.py), each on its own
     # image's foreground: φST over the fixed image, φTS over the affinely aligned moving one
     folding_forward = folding_on_model_grid(d_st, geometry, foreground_mask(None, normalized=normalize(fixed_on_model)))

@@ -54,7 +54,8 @@ def inverse_consistency(forward: np.ndarray, fixed_geometry: Geometry, backward:
     if points.shape[0] == 0:
         return 0.0, 0.0
     mapped = points + displacement
-    volume = torch.from_numpy(backward).permute(3, 0, 1, 2)[None].float()
+    # a float32 copy: ``backward`` may be a read-only view of the written image
+    volume = torch.from_numpy(np.array(backward, dtype=np.float32)).permute(3, 0, 1, 2)[None].contiguous()
     back = mapped + sample_grid(volume, moving_geometry, mapped)
     error = torch.linalg.norm(back - points, dim=-1).numpy()
     return float(error.mean()), float(np.percentile(error, 95))

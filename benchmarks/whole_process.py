@@ -65,8 +65,8 @@ Greedy3D().execute(f"-d 3 -i {fixed} {moving} -o {out}/fwd.nii.gz -oinv {out}/bw
 """
 
 
-def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(wall seconds, peak RSS in MiB, stderr tail) of one fresh process."""
+def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds user + system) of one fresh process."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stderr = process.stderr.read().decode("utf-8", "replace")
@@ -75,7 +75,7 @@ def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"{command[:4]}... failed ({process.returncode}): {stderr[-500:]}")
-    return seconds, usage.ru_maxrss / 1024.0, stderr[-300:]
+    return seconds, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
 def ours_command(source: Path, fixed: Path, moving: Path, out: Path) -> tuple[list[str], dict]:
@@ -222,6 +222,7 @@ def main() -> int:
     methods = ["ours"] + (["before"] if args.baseline else []) + ([] if args.no_ants else ["ants"]) + \
               (["greedy"] if args.greedy else [])
     times = {(m, p): [] for m in methods for p in pairs}
+    cpu = {(m, p): [] for m in methods for p in pairs}
     memory = {(m, p): [] for m in methods for p in pairs}
     accuracy = {}
     work = Path(tempfile.mkdtemp(prefix="whole_process_"))
@@ -241,10 +242,12 @@ def main() -> int:
                     else:
                         command, env = [sys.executable, "-c", GREEDY_SCRIPT, str(fixed_path), str(moving_path),
                                         str(out)], None
-                    seconds, rss, _ = run_timed(command, env)
+                    seconds, rss, cpu_seconds = run_timed(command, env)
                     times[(method, pair)].append(seconds)
+                    cpu[(method, pair)].append(cpu_seconds)
                     memory[(method, pair)].append(rss)
-                    print(f"run {run + 1} pair {pair[0]}:{pair[1]} {method:7s} {seconds:7.2f} s  peak {rss:7.0f} MiB",
+                    print(f"run {run + 1} pair {pair[0]}:{pair[1]} {method:7s} {seconds:7.2f} s  CPU {cpu_seconds:7.2f} s  "
+                          f"peak {rss:7.0f} MiB",
                           flush=True)
                     if run == 0:
                         fixed, moving = sitk.ReadImage(str(fixed_path)), sitk.ReadImage(str(moving_path))
@@ -259,21 +262,26 @@ def main() -> int:
                         shutil.rmtree(out, ignore_errors=True)
 
         print("\nwhole process, fresh python each, median over runs (s); ratio = method / ours; machine shared")
-        print(f"{'pair':7s} {'method':7s} {'median s':>9s} {'ratio':>6s} {'peak MiB':>9s}  {'Dice f/b':>13s} "
+        print(f"{'pair':7s} {'method':7s} {'median s':>9s} {'ratio':>6s} {'CPU s':>7s} {'ratio':>6s} {'peak MiB':>9s}  {'Dice f/b':>13s} "
               f"{'fold f/b %':>15s} {'ICE mean/p95 mm':>16s}")
         summary = {}
         for pair in pairs:
             base = median(times[("ours", pair)])
+            base_cpu = median(cpu[("ours", pair)])
             for method in methods:
                 t = median(times[(method, pair)])
+                c = median(cpu[(method, pair)])
                 acc = accuracy.get((method, pair), {})
                 ice = (f"{acc['ice_mean']:.3f}/{acc['ice_p95']:.3f}" if "ice_mean" in acc else "-")
-                print(f"{pair[0]}:{pair[1]:4s} {method:7s} {t:9.2f} {t / base:6.2f} {max(memory[(method, pair)]):9.0f}  "
+                print(f"{pair[0]}:{pair[1]:4s} {method:7s} {t:9.2f} {t / base:6.2f} {c:7.2f} {c / base_cpu:6.2f} "
+                      f"{max(memory[(method, pair)]):9.0f}  "
                       f"{acc.get('dice_forward', float('nan')):.3f}/{acc.get('dice_backward', float('nan')):.3f} "
                       f"{acc.get('folding_forward', float('nan')):7.4f}/{acc.get('folding_backward', float('nan')):7.4f} "
                       f"{ice:>16s}")
                 summary[f"{method} {pair[0]}:{pair[1]}"] = {"seconds": times[(method, pair)], "median": t,
                                                              "ratio_to_ours": t / base,
+                                                             "cpu_seconds": cpu[(method, pair)],
+                                                             "cpu_ratio_to_ours": c / base_cpu,
                                                              "peak_mib": memory[(method, pair)], **acc}
         for method in methods:
             for pair in pairs:
@@ -288,20 +296,22 @@ def main() -> int:
             out = work / "large"
             out.mkdir()
             command, env = ours_command(REPO, large_img, data / f"img_{b}.nii.gz", out)
-            seconds, rss, _ = run_timed(command, env)
+            seconds, rss, cpu_seconds = run_timed(command, env)
             fixed = sitk.ReadImage(str(large_img))
             moving = sitk.ReadImage(str(data / f"img_{b}.nii.gz"))
             acc = judge_ours(out, fixed, moving, sitk.ReadImage(str(large_seg)),
                              sitk.ReadImage(str(data / f"seg_{b}.nii.gz")), labels)
             base = median(times[("ours", (a, b))])
             print(f"\nlarge: fixed img_{a} at 0.6 mm on 400x400x300, moving img_{b} (1 mm): {seconds:.2f} s "
-                  f"({seconds / base:.2f}x the 1 mm pair's median {base:.2f} s), peak {rss:.0f} MiB; "
+                  f"({seconds / base:.2f}x the 1 mm pair's median {base:.2f} s), CPU {cpu_seconds:.2f} s "
+                  f"({cpu_seconds / median(cpu[('ours', (a, b))]):.2f}x), peak {rss:.0f} MiB; "
                   f"Dice {acc['dice_forward']:.3f}/{acc['dice_backward']:.3f}, folding "
                   f"{acc['folding_forward']:.4f}/{acc['folding_backward']:.4f} %, ICE {acc['ice_mean']:.3f}/"
                   f"{acc['ice_p95']:.3f} mm")
             print("stages large (report.json): " + ", ".join(
                 f"{k} {v:.2f}" for k, v in sorted(acc["stages"].items()) if isinstance(v, (int, float))))
-            summary["large"] = {"seconds": seconds, "peak_mib": rss, "ratio_to_1mm": seconds / base, **acc}
+            summary["large"] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mib": rss,
+                                "ratio_to_1mm": seconds / base, **acc}
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2, default=float) + "\n")
     finally:

@@ -104,11 +104,12 @@ def test_wheel_without_extras_registers(installed, tmp_path):
     out = tmp_path / "out"
     site_dirs = sorted({_site_dir(m) for m in ("torch", "numpy", "SimpleITK")})
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONIOENCODING="utf-8")
     run = subprocess.run([sys.executable, "-I", "-c", RUNNER, str(installed), json.dumps(site_dirs),
                           json.dumps(BLOCKED), "register", str(fixed), str(moving), "-o", str(out),
                           "--device", "cpu"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                         capture_output=True, text=True, encoding="utf-8", errors="replace", env=env,
+                         cwd=tmp_path, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "LOADED []" in run.stdout
     # the text progress that replaces tqdm went to stderr
