@@ -58,7 +58,8 @@ def _z_slabs(geometry: Geometry):
 def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometry: Geometry,
                    pre: tuple[np.ndarray, np.ndarray] | None = None,
                    post: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """``B @ field(A p + b) + C p + c`` at every voxel centre p of ``output_geometry``; -> (z, y, x, C) float64.
+    """``B @ field(A p + b) + C p + c`` at every voxel centre p of ``output_geometry``; -> (z, y, x, C) float32
+    (the precision it is computed in; half the memory of float64 on large grids).
 
     ``field`` is (1, C, D, H, W) on ``field_geometry``, sampled trilinearly with border extension.
     ``pre = (A, b)`` maps output points into the field's space (default identity); ``post = (B, C, c)``
@@ -77,7 +78,7 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
     k = _to_normalized(field_geometry)
     grid_matrix = k @ a @ index_to_point
     grid_offset = k @ (a @ origin + b - np.asarray(field_geometry.origin, dtype=np.float64)) - 1.0
-    out = np.empty((nz, ny, nx, field.shape[1]), dtype=np.float64)
+    out = np.empty((nz, ny, nx, field.shape[1]), dtype=np.float32)
     out_t = torch.from_numpy(out)
     volume = field.float()
     separable = _is_diagonal(grid_matrix)
@@ -94,7 +95,7 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
             values = _times_transpose(values, matrix)
             values = values + index_affine(output_geometry, linear @ index_to_point, linear @ origin + constant,
                                            field.device, (z0, z1))
-        out_t[z0:z1].copy_(values)  # torch's threaded copy: float32 -> float64 into ``out``
+        out_t[z0:z1].copy_(values)
     return out
 
 
@@ -206,11 +207,18 @@ def _sample_normalized(volume: torch.Tensor, grid: torch.Tensor, geometry: Geome
 
 
 def field_to_image(displacement: np.ndarray, geometry: Geometry) -> sitk.Image:
-    """(z, y, x, 3) LPS mm on ``geometry`` -> ITK displacement field image (VectorFloat64)."""
+    """(z, y, x, 3) LPS mm on ``geometry`` -> ITK displacement field image (VectorFloat64).
+
+    A float32 array goes through a float32 image and ITK's cast, which needs 1.5x the final
+    image's memory at its peak instead of 2x for a float64 copy first (large grids)."""
     expected = (*geometry.array_shape, 3)
     if displacement.shape != expected:
         raise ValueError(f"displacement shape {displacement.shape} does not match the grid {expected}")
-    image = sitk.GetImageFromArray(np.ascontiguousarray(displacement, dtype=np.float64), isVector=True)
+    if np.asarray(displacement).dtype == np.float32:
+        image = sitk.Cast(sitk.GetImageFromArray(np.ascontiguousarray(displacement), isVector=True),
+                          sitk.sitkVectorFloat64)
+    else:
+        image = sitk.GetImageFromArray(np.ascontiguousarray(displacement, dtype=np.float64), isVector=True)
     return geometry.apply_to(image)
 
 
@@ -256,18 +264,27 @@ def warp_image(moving: sitk.Image, displacement, geometry: Geometry,
     k = _to_normalized(moving_geometry)
     grid_matrix = k @ geometry.index_to_physical
     grid_offset = k @ (np.asarray(geometry.origin) - np.asarray(moving_geometry.origin)) - 1.0
-    displacement = torch.as_tensor(displacement, dtype=torch.float32, device=device)
     array = sitk.GetArrayFromImage(moving)
     volume = torch.from_numpy(array.astype(np.float32, copy=False))[None, None].to(device)
     nx, ny, nz = geometry.size
     values = np.empty(geometry.array_shape, dtype=np.float32)
     for z0, z1 in _z_slabs(geometry):
         grid = index_affine(geometry, grid_matrix, grid_offset, device, (z0, z1))
-        grid += _times_transpose(displacement[z0:z1], k)
+        grid += _times_transpose(_float32_slab(displacement, z0, z1, device), k)
         sampled = _sample_normalized(volume, grid, moving_geometry, "nearest" if nearest else "bilinear", "itk")
         values[z0:z1] = sampled[:, 0].reshape(z1 - z0, ny, nx).cpu().numpy()
     result = sitk.GetImageFromArray(np.rint(values).astype(array.dtype) if nearest else values)
     return geometry.apply_to(result)
+
+
+def _float32_slab(displacement, z0: int, z1: int, device) -> torch.Tensor:
+    """Rows ``z0:z1`` of a (z, y, x, 3) numpy array or tensor as a float32 tensor: converted a
+    slab at a time, so a large float64 field (or a read-only view of an ITK image) is never
+    copied whole."""
+    part = displacement[z0:z1]
+    if isinstance(part, np.ndarray):
+        part = np.array(part, dtype=np.float32)
+    return torch.as_tensor(part, dtype=torch.float32, device=device)
 
 
 def jacobian_determinant(displacement, geometry: Geometry) -> np.ndarray:

@@ -83,9 +83,26 @@ def export_model(path, network: InverseNet, grid: ModelGridSpec, normalization: 
     )
 
 
+DEFAULT_MODEL_NAME = "InverseReg-default.pt"
+
+
 def default_model_path() -> Path:
-    """The bundled model: ``Resources/InverseReg-default.pt`` beside the package."""
-    return Path(__file__).resolve().parent.parent / "Resources" / "InverseReg-default.pt"
+    """The bundled model, wherever this copy of the library was put.
+
+    An installed wheel holds it as package data in ``InverseRegLib/resources/`` (pyproject.toml
+    maps the repository's top-level ``Resources/`` there); a source checkout, an editable install
+    and the Slicer module (which copies ``InverseRegLib/`` beside ``InverseReg.py`` and the model
+    into ``Resources/`` beside that) keep it in ``Resources/`` beside the package.
+    """
+    from importlib import resources
+
+    try:
+        packaged = resources.files(__package__).joinpath("resources", DEFAULT_MODEL_NAME)
+    except (ModuleNotFoundError, TypeError):  # no package context (e.g. a frozen or zipped copy)
+        packaged = None
+    if isinstance(packaged, Path) and packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "Resources" / DEFAULT_MODEL_NAME
 
 
 def load_model(path=None, device: str | torch.device = "cpu") -> LoadedModel:
