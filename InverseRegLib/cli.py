@@ -57,6 +57,7 @@ def _affine_arg(args) -> str | None:
 
 
 def cmd_register(args) -> int:
+    from .device import resolve_device
     from .imageio import read_image, read_label, prepare_output_dir
     from .modelfile import load_model
     from .outputs import write_result
@@ -71,6 +72,7 @@ def cmd_register(args) -> int:
     fixed_seg = read_label(args.fixed_seg, role="fixed label map") if args.fixed_seg else None
     moving_seg = read_label(args.moving_seg, role="moving label map") if args.moving_seg else None
     model = load_model(args.model)
+    resolve_device(args.device)  # a wrong --device is one error line, not one under a started bar
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
