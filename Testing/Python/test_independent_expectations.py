@@ -83,3 +83,31 @@ def test_every_loss_term_against_scipy(preset_name):
     for key in ("ncc_st", "ncc_ts", "cycle"):
         assert parts[key] == pytest.approx(expected[key], abs=2e-4), key
     assert total.item() == pytest.approx(loss, abs=5e-4)
+
+
+def test_two_network_passes_compose_as_scipy_says():
+    """``test_passes.py`` states the two-pass fields with the library's own ``compose``. Here:
+    the second pass registers source∘φ1 to the target, so the forward map is
+    x -> x + u2(x) + u1(x + u2(x)) (u1 sampled linearly, clamped at the border), and the backward
+    map is x -> x + b1(x) + b2(x + b1(x)), each sampled with SciPy."""
+    from InverseRegLib.pipeline import run_network
+    from test_passes import VELOCITIES, ScriptedNet
+    from inversereg_testlib import small_model
+
+    model = small_model("default")
+    model.network = ScriptedNet(VELOCITIES).eval()
+    rng = np.random.default_rng(0)
+    shape = tuple(VELOCITIES[0].shape[2:])
+    source, target = (rng.random(shape).astype(np.float32) for _ in range(2))
+    u_st, u_ts = run_network(model, source, target, torch.device("cpu"), passes=2)
+    u1, u2 = (ScriptedNet(VELOCITIES)._exp(v)[0].double().numpy() for v in VELOCITIES)
+    b1, b2 = (ScriptedNet(VELOCITIES)._exp(-v)[0].double().numpy() for v in VELOCITIES)
+
+    def after(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
+        zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij")
+        at = np.stack([zz + inner[2], yy + inner[1], xx + inner[0]])
+        return inner + np.stack([ndimage.map_coordinates(c, at, order=1, mode="nearest") for c in outer])
+
+    np.testing.assert_allclose(u_st[0].numpy(), after(u1, u2), atol=1e-4)
+    np.testing.assert_allclose(u_ts[0].numpy(), after(b2, b1), atol=1e-4)
+    assert np.abs(after(u1, u2) - after(u2, u1)).max() > 0.05  # the order matters for these fields
