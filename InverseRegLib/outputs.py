@@ -12,7 +12,8 @@ the two folders share a file system (renames cannot fail half-way). Then the fil
 
 A failure at any point (an exception, Ctrl-C) before the index file is in place undoes steps 1-2:
 the folder holds exactly the previous complete result (or none), and the staging folder is
-removed. The index file records each file's size and sha256 (``files``), so a reader can check
+removed. (Should putting a previous file back fail too, the folder is left without an index file,
+i.e. not a result, and the previous files stay in the staging folder rather than being deleted.) The index file records each file's size and sha256 (``files``), so a reader can check
 that it describes exactly the files beside it. Only files with the tool's own output names are
 ever moved or deleted, and only the staging folder (which this module created) is removed.
 """
@@ -78,22 +79,28 @@ def publish(outdir: Path, writers: dict[str, Writer], index_name: str, index: Ca
             os.replace(new / name, outdir / name)
             moved_in.append(name)
     except BaseException:
-        _roll_back(outdir, old, moved_in, moved_aside)
-        shutil.rmtree(staging, ignore_errors=True)
+        if _roll_back(outdir, old, moved_in, moved_aside):
+            shutil.rmtree(staging, ignore_errors=True)
+        # else the previous run's files that could not be put back stay in staging/old
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return {name: outdir / name for name in order}
 
 
-def _roll_back(outdir: Path, old: Path, moved_in: list[str], moved_aside: list[str]) -> None:
-    """Undo a partial swap: the new files out, the previous run's files back (index last)."""
+def _roll_back(outdir: Path, old: Path, moved_in: list[str], moved_aside: list[str]) -> bool:
+    """Undo a partial swap: the new files out, the previous run's files back (index last).
+    Returns False if a previous file could not be put back (it is then still in ``old``)."""
     for name in reversed(moved_in):
         (outdir / name).unlink(missing_ok=True)
+    restored = True
     for name in sorted(moved_aside, key=lambda n: n in _INDEX_NAMES):
+        if not restored and name in _INDEX_NAMES:
+            break  # an index beside an incomplete set of files would describe files not there
         try:
             os.replace(old / name, outdir / name)
         except OSError:
-            pass  # the folder then has no index: documented as "not a result"
+            restored = False
+    return restored
 
 
 #: the files that describe a folder's other files; restored last so they never precede them

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import errno
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -361,3 +362,36 @@ def test_a_log_row_cut_short_by_a_crash_is_dropped_on_resume(train_data, uninter
 def test_staging_prefix_is_hidden():
     """The staging folder is a hidden name, so the no-temporary-files checks above see it."""
     assert STAGING_PREFIX.startswith(".")
+
+
+def test_a_persistent_failure_never_deletes_the_previous_result(two_results, tmp_path, monkeypatch):
+    """Every rename fails from the k-th on (the disk went read-only mid-swap), so the rollback
+    cannot put everything back: the folder then holds no report.json (not a result), and every
+    previous file is still somewhere in the folder (beside it or in the staging folder), never
+    deleted."""
+    old, new = two_results
+    write_result(old, tmp_path / "template", [])
+    previous = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "template").iterdir()}
+    real = os.replace
+    for k in range(6, 12):  # the renames that move the previous files aside and the new ones in
+        folder = tmp_path / f"case{k}"
+        folder.mkdir()
+        for path in (tmp_path / "template").iterdir():
+            (folder / path.name).write_bytes(path.read_bytes())
+        calls = {"n": 0}
+
+        def broken(src, dst):
+            calls["n"] += 1
+            if calls["n"] >= k:
+                raise Injected(errno.EROFS, "Read-only file system")
+            return real(src, dst)
+
+        monkeypatch.setattr(os, "replace", broken)
+        with pytest.raises(Injected):
+            write_result(new, folder, [])
+        monkeypatch.undo()
+        kept = {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+        assert previous <= kept, f"a previous file was deleted (renames failing from call {k})"
+        if not (folder / "report.json").exists():
+            continue
+        assert_report_describes_the_folder(folder)  # if a report is there, it is the whole truth
