@@ -119,6 +119,8 @@ def cmd_register(args) -> int:
     model = load_model(args.model)
     t_model = time.perf_counter() - t0
     startup = _startup_seconds(t_reading)
+    from .device import resolve_device
+    resolve_device(args.device)  # a wrong --device is one error line, not one under a started bar
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
@@ -217,10 +219,10 @@ def cmd_demo(args) -> int:
         result = register(fixed, moving, model, args.device, "affine", 0, fixed_seg, moving_seg, progress=progress)
     finally:
         progress.close()
-    written = write_result(result, outdir, [])
-    written["overview"] = overview_png(fixed, moving, result.moving_warped, result.forward, outdir / "overview.png",
-                                       title=f"InverseReg demo: Dice {result.report['dice_mean_before']:.3f} -> "
-                                             f"{result.report['dice_mean']:.3f}")
+    title = f"InverseReg demo: Dice {result.report['dice_mean_before']:.3f} -> {result.report['dice_mean']:.3f}"
+    overview = {"overview.png": lambda path: overview_png(fixed, moving, result.moving_warped, result.forward, path,
+                                                          title=title)}
+    written = write_result(result, outdir, [], extra=overview)
     _print_summary(result.report, written)
     print(f"demo finished in {time.perf_counter() - started:.1f} s")
     return 0

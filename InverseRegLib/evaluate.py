@@ -12,6 +12,7 @@ from .data import discover_subjects
 from .errors import InverseRegError
 from .imageio import read_image, read_label
 from .modelfile import LoadedModel, load_model
+from .outputs import publish
 from .pipeline import register
 
 PAIR_COLUMNS = ["fixed", "moving", "dice_mean_before", "dice_mean", "dice_mean_backward", "bir", "bir_backward",
@@ -49,8 +50,6 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
                                "dice_backward": report["dice_per_label_backward"].get(label)})
         if pair_callback:
             pair_callback(index + 1, len(pairs))
-    _write_csv(outdir / "pairs.csv", PAIR_COLUMNS, rows)
-    _write_csv(outdir / "labels.csv", ["fixed", "moving", "label", "dice", "dice_backward"], label_rows)
     summary = {"pairs": len(rows), "model_id": model.model_id, "device": rows[0] and result.report["device"],
                "passes": result.report["passes"], "refine_steps": result.report["refine_steps"],
                "precision": result.report["precision"],
@@ -59,14 +58,26 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
         values = np.asarray([r[key] for r in rows if r[key] is not None], dtype=float)
         if values.size:
             summary[key] = {"mean": float(values.mean()), "std": float(values.std())}
-    (outdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    writers = {"pairs.csv": lambda path: _write_csv(path, PAIR_COLUMNS, rows),
+               "labels.csv": lambda path: _write_csv(path, LABEL_COLUMNS, label_rows)}
+
+    def index(files: dict) -> str:
+        summary["files"] = files
+        return json.dumps(summary, indent=2) + "\n"
+
+    # the three files replace an earlier evaluation's as one unit, summary.json last
+    publish(outdir, writers, "summary.json", index, EVALUATION_NAMES)
     return summary
 
 
+LABEL_COLUMNS = ["fixed", "moving", "label", "dice", "dice_backward"]
+
+#: every file ``evaluate`` writes into its output folder
+EVALUATION_NAMES = ("pairs.csv", "labels.csv", "summary.json")
+
+
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    with Path(path).open("w", newline="") as handle:  # a file in the staging folder (outputs.publish)
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)

@@ -171,12 +171,18 @@ def write_displacement_field(field: sitk.Image, path, chunk_bytes: int = 8 << 20
 
 
 def write_text_atomic(text: str, path) -> None:
+    """Write ``text`` to a temporary sibling, then rename it into place; on any failure the
+    temporary file is removed and ``path`` is as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    _permissions(tmp)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        _permissions(tmp)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def check_output_dir(outdir, inputs: list) -> Path:

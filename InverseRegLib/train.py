@@ -11,6 +11,7 @@ GPUs, gloo on CPUs), and rank 0 alone writes logs, checkpoints and the model fil
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ from .data import (Subject, augment_intensity, discover_subjects, load_on_grid, 
                    synthesize_from_labels, training_grid)
 from .errors import InverseRegError
 from .grid import Geometry
+from .imageio import write_text_atomic
 from .intensity import DEFAULT_NORMALIZATION
 from .losses import registration_loss
 from .metrics import dice_per_label
@@ -101,13 +103,35 @@ def _truncate_log(path: Path, last_step: int) -> None:
         return
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
-    kept = rows[:1] + [row for row in rows[1:] if row and int(row[0]) <= last_step]
+    # a row cut short by a crash in the middle of an append has fewer fields than the header
+    kept = rows[:1] + [row for row in rows[1:] if len(row) == len(rows[0]) and _step(row) <= last_step]
     if len(kept) == len(rows):
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
-        csv.writer(handle).writerows(kept)
-    tmp.replace(path)
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(kept)
+    write_text_atomic(buffer.getvalue(), path)
+
+
+def _step(row: list[str]) -> float:
+    try:
+        return int(row[0])
+    except ValueError:  # a damaged row: dropped like one after the checkpoint
+        return math.inf
+
+
+def _best_recorded(path: Path) -> float:
+    """The validation score recorded in an existing ``best_model.pt`` (-1 without one).
+
+    A run stopped after writing a better best_model.pt but before its next checkpoint resumes
+    with the checkpoint's older best score; taking the larger of the two keeps that better model
+    from being overwritten by a worse one."""
+    if not path.is_file():
+        return -1.0
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return float(payload["training"]["val_dice_model_grid"])
+    except Exception:  # damaged or foreign: the checkpoint's score alone decides
+        return -1.0
 
 
 def _initialise_from(network: InverseNet, path: str, preset, geometry: Geometry, normalization: dict,
@@ -272,7 +296,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
     }
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_text_atomic(json.dumps(config.to_dict(), indent=2), run_dir / "config.json")
     log_path, val_path = run_dir / "log.csv", run_dir / "val.csv"
     if rank == 0:
         # rows after the step this run starts from (the checkpoint's, or 0 for a folder whose
@@ -288,6 +312,8 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         bar = tqdm(total=config.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
     elapsed = float(resume_state.get("elapsed", 0.0)) if resume_state else 0.0
     best = float(resume_state.get("best_val", -1.0)) if resume_state else -1.0
+    if resume_state is not None and val_images:
+        best = max(best, _best_recorded(run_dir / "best_model.pt"))
     t_last = time.perf_counter()
     network.train()
 
