@@ -70,14 +70,16 @@ def cmd_register(args) -> int:
     moving = read_image(args.moving, role="moving image")
     fixed_seg = read_label(args.fixed_seg, role="fixed label map") if args.fixed_seg else None
     moving_seg = read_label(args.moving_seg, role="moving label map") if args.moving_seg else None
+    fixed_seg, moving_seg = _check_label_maps(args, fixed, moving, fixed_seg, moving_seg)
     model = load_model(args.model)
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
                           fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
-                          precision=args.precision)
+                          precision=args.precision, label_interpolation=args.label_interpolation)
     finally:
         progress.close()
+    _add_jacobians(args, result)
     written = write_result(result, args.output, inputs)
     if args.progress == "json":
         print(json.dumps({"event": "done", "outdir": str(Path(args.output).resolve()), "report": result.report}),
@@ -85,6 +87,61 @@ def cmd_register(args) -> int:
     else:
         _print_summary(result.report, written)
     return 0
+
+
+# --- after Register (issue 15): carried label maps, Jacobian determinants -------------------------
+
+def _check_label_maps(args, fixed, moving, fixed_seg, moving_seg):
+    """Each label map on its own image's grid and not empty; errors name the file."""
+    from .labels import check_label_map
+    if fixed_seg is not None:
+        fixed_seg = check_label_map(fixed_seg, fixed, f"fixed label map {args.fixed_seg}", f"the fixed image {args.fixed}")
+    if moving_seg is not None:
+        moving_seg = check_label_map(moving_seg, moving, f"moving label map {args.moving_seg}",
+                                     f"the moving image {args.moving}")
+    return fixed_seg, moving_seg
+
+
+def _add_jacobians(args, result) -> None:
+    """With ``--jacobian``: det J of both fields, written as jacobian_forward/backward.nii.gz."""
+    if not getattr(args, "jacobian", None):
+        return
+    from .jacobian import jacobian_images
+    result.extra_images.update(jacobian_images(result.forward, result.backward, args.jacobian))
+    result.report["jacobian"] = args.jacobian
+
+
+def cmd_jacobian(args) -> int:
+    from .imageio import _read, write_image_atomic
+    from .jacobian import jacobian_image
+    field = _read(args.field, "displacement field")
+    output = Path(args.output)
+    if output.resolve() == Path(args.field).resolve():
+        raise InverseRegError(f"output {output} would overwrite the field; choose another name")
+    if not output.parent.is_dir():
+        raise InverseRegError(f"output folder does not exist: {output.parent}")
+    write_image_atomic(jacobian_image(field, args.log), output)
+    print(f"wrote {output}")
+    return 0
+
+
+def add_after_register_options(p) -> None:
+    p.add_argument("--label-interpolation", choices=["linear", "nearest"], default="linear",
+                   help="how --fixed-seg/--moving-seg are carried to the other grid: linear (label-preserving: "
+                        "argmax of each label's interpolated indicator; default) or nearest")
+    p.add_argument("--jacobian", nargs="?", const="plain", choices=["plain", "log"],
+                   help="also write jacobian_forward.nii.gz (fixed grid) and jacobian_backward.nii.gz (moving "
+                        "grid): det J of each field, or its natural log with --jacobian log")
+
+
+def add_after_register_commands(sub) -> None:
+    p = sub.add_parser("jacobian", help="Jacobian determinant image of a displacement field file")
+    p.add_argument("field", help="ITK displacement field (e.g. forward.nii.gz)")
+    p.add_argument("-o", "--output", required=True, help="output image, e.g. jacobian.nii.gz")
+    p.add_argument("--log", action="store_true", help="natural log of the determinant")
+    p.set_defaults(func=cmd_jacobian)
+
+# --- end of the after-Register block --------------------------------------------------------------
 
 
 def _print_summary(report: dict, written: dict) -> None:
@@ -199,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-seg", help="label map of the moving image")
     add_precision(p)
     p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    add_after_register_options(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("train", help="train a model on a folder of images (pairwise N x (N-1))")
@@ -250,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     add_common(p)
     p.set_defaults(func=cmd_demo)
+    add_after_register_commands(sub)
     return parser
 
 

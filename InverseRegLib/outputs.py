@@ -9,7 +9,8 @@ from .pipeline import RegistrationResult
 
 
 def write_result(result: RegistrationResult, outdir, inputs: list) -> dict[str, Path]:
-    """Write the four images, the affine (if any) and report.json into ``outdir``.
+    """Write the four images, the carried label maps and extra images (if any), the affine (if any)
+    and report.json into ``outdir``.
 
     ``inputs`` are the input file paths: an output that would land on one of them is refused
     before anything is written. Returns the written paths by name.
@@ -18,6 +19,11 @@ def write_result(result: RegistrationResult, outdir, inputs: list) -> dict[str, 
     written = {}
     for name, image in (("forward", result.forward), ("backward", result.backward),
                         ("moving_warped", result.moving_warped), ("fixed_warped", result.fixed_warped)):
+        path = outdir / f"{name}.nii.gz"
+        write_image_atomic(image, path)
+        written[name] = path
+    # carried label maps and other per-run images (Jacobians) the front end asked for
+    for name, image in {**result.label_images, **result.extra_images}.items():
         path = outdir / f"{name}.nii.gz"
         write_image_atomic(image, path)
         written[name] = path
