@@ -141,6 +141,64 @@ def add_after_register_commands(sub) -> None:
     p.add_argument("--log", action="store_true", help="natural log of the determinant")
     p.set_defaults(func=cmd_jacobian)
 
+    p = sub.add_parser("points", help="move points between the images through the fields; TRE with both lists")
+    p.add_argument("result", help="a register output folder (forward.nii.gz, backward.nii.gz)")
+    p.add_argument("--fixed-points", help="points on the fixed image (.mrk.json or CSV x,y,z[,label]): "
+                   "moved into moving space through forward")
+    p.add_argument("--moving-points", help="points on the moving image: moved into fixed space through backward")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS",
+                   help="coordinate system of CSV files (default LPS, as ITK/ANTs); markups files name their own")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.set_defaults(func=cmd_points)
+
+def cmd_points(args) -> int:
+    from .imageio import _read, write_text_atomic
+    from .points import is_markups, read_points, target_registration_error, transform_points, write_points
+    if not args.fixed_points and not args.moving_points:
+        raise InverseRegError("give --fixed-points, --moving-points or both")
+    result = Path(args.result)
+    if not result.is_dir():
+        raise InverseRegError(f"registration output folder not found: {result}")
+    outdir = Path(args.output)
+    if outdir.exists() and not outdir.is_dir():
+        raise InverseRegError(f"output path exists and is not a folder: {outdir}")
+    fixed_points = read_points(args.fixed_points, args.coordinates) if args.fixed_points else None
+    moving_points = read_points(args.moving_points, args.coordinates) if args.moving_points else None
+    forward = _read(result / "forward.nii.gz", "forward field") if fixed_points else None
+    backward = _read(result / "backward.nii.gz", "backward field") if moving_points else None
+    jobs = []  # (points, field, output name, grid name)
+    if fixed_points:
+        jobs.append((fixed_points, forward, "fixed_points_in_moving", args.fixed_points, "the fixed image's grid"))
+    if moving_points:
+        jobs.append((moving_points, backward, "moving_points_in_fixed", args.moving_points, "the moving image's grid"))
+    mapped = [(points, transform_points(points.lps, field, points.names, grid), name, source)
+              for points, field, name, source, grid in jobs]
+    summary = rows = None
+    if fixed_points and moving_points:
+        summary, rows = target_registration_error(fixed_points, moving_points, forward, backward)
+    inputs = {Path(p).resolve() for p in (args.fixed_points, args.moving_points) if p}
+    outdir.mkdir(parents=True, exist_ok=True)
+    for points, positions, name, source in mapped:
+        path = outdir / (name + (".mrk.json" if is_markups(source) else ".csv"))
+        if path.resolve() in inputs:
+            raise InverseRegError(f"output {path} would overwrite an input file; choose another folder")
+        write_points(points, positions, path)
+        print(f"wrote {path} ({len(points.names)} points)")
+    if summary is not None:
+        lines = ["label,before_mm,fixed_to_moving_mm,moving_to_fixed_mm"]
+        lines += [f"{r['label']},{r['before_mm']:.4f},{r['fixed_to_moving_mm']:.4f},{r['moving_to_fixed_mm']:.4f}"
+                  for r in rows]
+        write_text_atomic("\n".join(lines) + "\n", outdir / "tre.csv")
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", outdir / "tre.json")
+        for key, title in (("before", "before registration"), ("fixed_to_moving", "fixed -> moving (forward)"),
+                           ("moving_to_fixed", "moving -> fixed (backward)")):
+            s = summary[key]
+            print(f"TRE {title}: mean {s['mean_mm']:.2f} mm, median {s['median_mm']:.2f} mm, "
+                  f"max {s['max_mm']:.2f} mm over {s['n']} points")
+        print(f"wrote {outdir / 'tre.json'} and {outdir / 'tre.csv'}")
+    return 0
+
+
 # --- end of the after-Register block --------------------------------------------------------------
 
 
