@@ -134,7 +134,23 @@ def add_after_register_options(p) -> None:
                         "grid): det J of each field, or its natural log with --jacobian log")
 
 
-def add_after_register_commands(sub) -> None:
+def add_after_register_commands(sub, add_common, add_alignment, add_precision) -> None:
+    p = sub.add_parser("study", help="register many pairs (a template and subjects, or a CSV of pairs): one "
+                                     "folder per pair, summary.csv; resumes; torchrun splits the pairs")
+    p.add_argument("subjects", nargs="*", help="with --template: the subject images (each registered onto it)")
+    p.add_argument("-o", "--output", required=True, help="study folder: one sub-folder per pair and summary.csv")
+    p.add_argument("--pairs", help="CSV with columns fixed,moving[,fixed_seg,moving_seg][,name]; relative paths "
+                                   "are relative to the CSV's folder")
+    p.add_argument("--template", help="the fixed image every subject is registered onto")
+    p.add_argument("--template-seg", help="the template's label map (with --subject-segs)")
+    p.add_argument("--subject-segs", nargs="+", help="the subjects' label maps, in the subjects' order")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_common(p)
+    add_alignment(p)
+    add_precision(p)
+    add_after_register_options(p)
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("jacobian", help="Jacobian determinant image of a displacement field file")
     p.add_argument("field", help="ITK displacement field (e.g. forward.nii.gz)")
     p.add_argument("-o", "--output", required=True, help="output image, e.g. jacobian.nii.gz")
@@ -197,6 +213,30 @@ def cmd_points(args) -> int:
                   f"max {s['max_mm']:.2f} mm over {s['n']} points")
         print(f"wrote {outdir / 'tre.json'} and {outdir / 'tre.csv'}")
     return 0
+
+
+def cmd_study(args) -> int:
+    from .modelfile import load_model
+    from .study import SUMMARY_NAME, pairs_from_csv, pairs_from_template, run_study
+    if bool(args.pairs) == bool(args.template):
+        raise InverseRegError("give either --pairs pairs.csv or --template T with subjects")
+    if args.template:
+        if not args.subjects:
+            raise InverseRegError("--template needs at least one subject image after it")
+        pairs = pairs_from_template(args.template, args.subjects, args.template_seg, args.subject_segs)
+    else:
+        if args.subjects or args.template_seg or args.subject_segs:
+            raise InverseRegError("subjects, --template-seg and --subject-segs go with --template, not --pairs")
+        pairs = pairs_from_csv(args.pairs)
+    options = {"device": args.device, "affine": _affine_arg(args), "refine": args.refine,
+               "labels": _labels_arg(args.labels), "passes": args.passes, "precision": args.precision,
+               "label_interpolation": args.label_interpolation}
+    model = load_model(args.model)
+    rows = run_study(pairs, args.output, model, options, args.jacobian, progress=not args.quiet)
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "not run")}
+    print(f"{len(rows)} pairs: {counts['ok']} ok, {counts['failed']} failed, {counts['not run']} not run; "
+          f"summary: {Path(args.output) / SUMMARY_NAME}")
+    return 0 if counts["ok"] == len(rows) else 1
 
 
 # --- end of the after-Register block --------------------------------------------------------------
@@ -366,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     add_common(p)
     p.set_defaults(func=cmd_demo)
-    add_after_register_commands(sub)
+    add_after_register_commands(sub, add_common, add_alignment, add_precision)
     return parser
 
 
