@@ -132,7 +132,8 @@ def warp_labels(labels: sitk.Image, field, reference=None, method: str = "linear
         warped = warp_image(sitk.Cast(labels, sitk.sitkInt32), displacement, geometry, nearest=True)
         return sitk.Cast(warped, pixel)
     source = Geometry.of(labels)
-    values = torch.from_numpy(sitk.GetArrayFromImage(sitk.Cast(labels, sitk.sitkInt32)).astype(np.int64).ravel())
+    array = sitk.GetArrayFromImage(sitk.Cast(labels, sitk.sitkInt32))
+    padded = torch.from_numpy(np.pad(array, ((0, 1), (0, 1), (0, 1)), mode="edge").ravel())
     # continuous index in the label grid of p + d(p): Minv (M_out i + o_out - o_src) + Minv d
     inverse = np.linalg.inv(source.index_to_physical)
     matrix = inverse @ geometry.index_to_physical
@@ -140,32 +141,34 @@ def warp_labels(labels: sitk.Image, field, reference=None, method: str = "linear
     inverse_t = torch.as_tensor(inverse.T, dtype=torch.float32)
     size = torch.as_tensor(source.size, dtype=torch.float32)
     nx, ny, nz = geometry.size
-    out = np.empty(geometry.array_shape, dtype=np.int64)
+    out = np.empty(geometry.array_shape, dtype=np.int32)
     for z0, z1 in _z_slabs(geometry):
         index = index_affine(geometry, matrix, offset, "cpu", (z0, z1)) + displacement[z0:z1] @ inverse_t
         index = index.reshape(-1, 3)
-        out[z0:z1] = _argmax_linear(values, source.size, index, size).reshape(z1 - z0, ny, nx).numpy()
-    image = sitk.GetImageFromArray(out.astype(np.int32))
+        out[z0:z1] = _argmax_linear(padded, source.size, index, size).reshape(z1 - z0, ny, nx).numpy()
+    image = sitk.GetImageFromArray(out)
     return sitk.Cast(geometry.apply_to(image), pixel)
 
 
-def _argmax_linear(values: torch.Tensor, source_size, index: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+def _argmax_linear(padded: torch.Tensor, source_size, index: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
     """The label whose trilinearly interpolated indicator is largest at each continuous index
-    (N, 3) of a label grid ``values`` (flattened z, y, x); 0 beyond ITK's half-voxel border.
+    (N, 3) of a label grid; 0 beyond ITK's half-voxel border. ``padded``: the labels flattened
+    from a (z, y, x) array with one edge-replicated plane added after each axis, so that the
+    8 neighbours of every clamped index are at fixed offsets from the lower one.
 
     Inside a structure all 8 neighbours carry one label and that is the answer; the scoring runs
-    only where they differ (near boundaries), which keeps a 1 mm brain to about a second.
+    only where they differ (near boundaries).
     """
-    nx, ny, _ = (int(s) for s in source_size)
+    nx, ny, _ = (int(s) + 1 for s in source_size)  # the padded row and plane lengths
     inside = ((index >= -0.5) & (index < size - 0.5)).all(dim=1)
     # within the half-voxel border the edge voxels extend outwards (ITK's rule for images)
     index = torch.minimum(torch.clamp(index, min=0.0), size - 1.0)
     base = torch.floor(index)
     fraction = index - base
     base = base.long()
-    upper = torch.minimum(base + 1, size.long() - 1)
-    corner_labels = torch.stack([values[((upper[:, 2] if dz else base[:, 2]) * ny + (upper[:, 1] if dy else base[:, 1])) * nx
-                                        + (upper[:, 0] if dx else base[:, 0])] for dx, dy, dz in _NEIGHBOURS], dim=1)
+    lower = (base[:, 2] * ny + base[:, 1]) * nx + base[:, 0]
+    offsets = torch.tensor([dx + dy * nx + dz * nx * ny for dx, dy, dz in _NEIGHBOURS], dtype=torch.long)
+    corner_labels = padded[lower[:, None] + offsets]  # (N, 8)
     best = corner_labels[:, 0].clone()
     mixed = torch.nonzero((corner_labels != corner_labels[:, :1]).any(dim=1)).squeeze(1)
     for start in range(0, mixed.numel(), _SCORE_CHUNK):

@@ -29,7 +29,7 @@ from .fields import (affine_matrix, field_to_image, folding_percent, inverse_con
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
-from .labels import LABEL_METHODS, check_label_map, compact_labels, warp_labels
+from .labels import LABEL_METHODS, check_label_map, compact_labels, grid_mismatch, warp_labels
 from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
@@ -316,7 +316,10 @@ def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, movin
     forward_dice = dice_per_label(warped_moving, fixed_labels, labels)
     backward_dice = dice_per_label(warped_fixed, moving_labels, labels)
     # overlap before registration, in physical space (the grids may differ)
-    unregistered = sitk.GetArrayFromImage(warp_labels(moving_seg, np.zeros_like(forward), fixed_geometry, method))
+    if grid_mismatch(moving_geometry, fixed_geometry) is None:  # one grid: the identity keeps every voxel
+        unregistered = moving_labels
+    else:
+        unregistered = sitk.GetArrayFromImage(warp_labels(moving_seg, np.zeros_like(forward), fixed_geometry, method))
     before = dice_per_label(unregistered, fixed_labels, labels)
     out = {
         "labels": labels,
