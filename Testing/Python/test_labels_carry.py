@@ -1,7 +1,7 @@
 """Carrying label maps through the fields (issue 15, item 1).
 
 Oracles: SimpleITK resampling each label's indicator linearly through the field file (argmax over
-labels) for the label-preserving mode, SimpleITK's nearest-neighbour resampling for ``nearest``,
+labels) and ITK's ``sitkLabelLinear`` interpolator for the label-preserving mode, SimpleITK's nearest-neighbour resampling for ``nearest``,
 and Dice recomputed here with plain numpy from the *written* files for the report's numbers.
 """
 from __future__ import annotations
@@ -49,8 +49,9 @@ def numpy_dice(a: np.ndarray, b: np.ndarray, label: int) -> float:
 
 def test_linear_mode_is_argmax_of_interpolated_indicators(small_pair):
     """The label-preserving mode equals SimpleITK resampling every label's 0/1 indicator linearly
-    through the same field and taking the best label, on a label grid that is not the output grid;
-    no label appears that the input lacks; ``nearest`` equals SimpleITK's nearest neighbour."""
+    through the same field and taking the best label, and ITK's ``sitkLabelLinear`` interpolator,
+    on a label grid that is not the output grid; no label appears that the input lacks;
+    ``nearest`` equals SimpleITK's nearest neighbour."""
     fixed, _, _, moving_seg, _ = small_pair
     labels = onto(moving_seg, MOVING_GRID, labels=True)
     field = smooth_field(fixed)
@@ -70,6 +71,9 @@ def test_linear_mode_is_argmax_of_interpolated_indicators(small_pair):
     assert clear[~outside].mean() > 0.99
     assert np.array_equal(ours[clear], expected[clear])
     assert set(np.unique(ours)) <= set(values)
+    # ITK's own label-preserving linear interpolator (LabelImageGenericInterpolateImageFunction)
+    itk_label_linear = sitk.Resample(labels, fixed, transform, sitk.sitkLabelLinear, 0, labels.GetPixelID())
+    assert np.mean(sitk.GetArrayFromImage(itk_label_linear) == ours) > 0.9999
     nearest = sitk.Resample(labels, fixed, transform, sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
     assert np.array_equal(sitk.GetArrayFromImage(warp_labels(labels, field, method="nearest")),
                           sitk.GetArrayFromImage(nearest))
