@@ -295,3 +295,19 @@ def diverging_colors(scene):
         table.SetColor(i, f"{i}", *rgb, 1.0)
     table.SetAttribute("Category", "InverseReg")
     return table
+
+
+def overlay_jacobian(scene, jacobian_node, background_volume, opacity: float = 0.5) -> int:
+    """Show ``jacobian_node`` over ``background_volume`` (its own grid's volume: the fixed volume
+    for the forward field's determinant) in every slice view of the scene; returns how many views.
+    The user's label layer is kept."""
+    if not 0.0 <= opacity <= 1.0:
+        raise InverseRegError(f"opacity must be between 0 and 1, got {opacity}")
+    composites = scene.GetNodesByClass("vtkMRMLSliceCompositeNode")
+    count = composites.GetNumberOfItems()
+    for i in range(count):
+        composite = composites.GetItemAsObject(i)
+        composite.SetBackgroundVolumeID(background_volume.GetID())
+        composite.SetForegroundVolumeID(jacobian_node.GetID())
+        composite.SetForegroundOpacity(opacity)
+    return count

@@ -243,3 +243,24 @@ def test_jacobian_volume_is_centred_on_no_change(scene, case, log):
     assert white.min() > 240, white
     assert red[0] > 150 and red[2] < 120, red
     assert blue[2] > 150 and blue[0] < 120, blue
+
+
+def test_overlay_jacobian_in_every_slice_view(scene):
+    """One call puts the Jacobian volume over its volume in each slice view (three composite
+    nodes, as the application's layout has) at the given opacity, keeping the label layer."""
+    scene, nodes = scene
+    composites = []
+    for _ in range(3):
+        composite = slicer.vtkMRMLSliceCompositeNode()
+        scene.AddNode(composite)
+        composite.SetLabelVolumeID(nodes["fixed_seg"].GetID())
+        composites.append(composite)
+    node = carry.jacobian_volume(scene, nodes["forward_node"])
+    assert carry.overlay_jacobian(scene, node, nodes["fixed"], 0.6) == 3
+    for composite in composites:
+        assert composite.GetForegroundVolumeID() == node.GetID()
+        assert composite.GetBackgroundVolumeID() == nodes["fixed"].GetID()
+        assert composite.GetForegroundOpacity() == pytest.approx(0.6)
+        assert composite.GetLabelVolumeID() == nodes["fixed_seg"].GetID()
+    with pytest.raises(InverseRegError, match="opacity"):
+        carry.overlay_jacobian(scene, node, nodes["fixed"], 1.5)
