@@ -14,7 +14,7 @@ Several processes (``torchrun --nproc_per_node N -m InverseRegLib study ...``): 
 pairs i with ``i % world == r``, so each pair is done exactly once; when all ranks are done
 (a gloo barrier), rank 0 writes the summary. The summary is always *rebuilt from the pair folders*
 (their reports and error files), so it is right whichever process wrote which pair, and after a
-crash the next run rebuilds it.
+crash the next run rebuilds it; in a single process it is also rewritten after every pair.
 """
 from __future__ import annotations
 
@@ -244,9 +244,12 @@ def run_study(pairs: list[Pair], outdir, model=None, options: dict | None = None
     recorded["model_id"] = model.model_id
     if jacobian:
         recorded["jacobian"] = jacobian
+    # one process: summary.csv is kept up to date after every pair, so it shows how far a running
+    # or stopped study got (with several, rank 0 writes it once all are done)
+    live = summary_rows(pairs, outdir, recorded) if world == 1 else None
     bar = _progress_bar(len(mine), rank, world, progress)
     try:
-        for pair in mine:
+        for number, pair in enumerate(mine):
             folder = outdir / pair.name
             if is_done(folder, pair, recorded):
                 _step(bar, f"{pair.name}: already done")
@@ -267,6 +270,9 @@ def run_study(pairs: list[Pair], outdir, model=None, options: dict | None = None
                 write_text_atomic(message + "\n", folder / ERROR_NAME)
                 report_error(f"inversereg: study: pair {pair.name!r} failed: {message}")
                 _step(bar, f"{pair.name}: failed")
+            if live is not None:
+                live[number] = summary_rows([pair], outdir, recorded)[0]
+                write_summary(live, outdir / SUMMARY_NAME)
     finally:
         if bar is not None:
             bar.close()

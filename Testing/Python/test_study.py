@@ -107,7 +107,7 @@ def test_missing_file_fails_one_pair_and_resume_skips_finished_ones(data, tmp_pa
 
 def test_interrupted_study_resumes_and_other_options_redo(data, tmp_path, model_file, monkeypatch, capsys):
     """Ctrl-C during the second pair: the first pair's folder is complete and kept, the
-    interrupted one has no report; the rerun does only what is missing. Other options (two
+    interrupted one has no report, summary.csv says so; the rerun does only what is missing. Other options (two
     passes) make every pair stale: all are registered again."""
     pairs = write_pairs(tmp_path / "pairs.csv", [f"{data / 'template.nii.gz'},{data / f'sub{i}.nii.gz'},,,p{i}"
                                                  for i in range(3)])
@@ -125,6 +125,8 @@ def test_interrupted_study_resumes_and_other_options_redo(data, tmp_path, model_
     monkeypatch.setattr(study, "register_pair", interrupted)
     assert main(argv) == 130
     assert calls == ["p0", "p1"] and (out / "p0" / "report.json").is_file() and not (out / "p1" / "report.json").exists()
+    # the summary kept up to date after each pair says how far it got
+    assert [row["status"] for row in read_summary(out).values()] == ["ok", "not run", "not run"]
     first = file_hashes(out / "p0")
     monkeypatch.setattr(study, "register_pair", lambda pair, *a, **k: (calls.append(pair.name), real(pair, *a, **k))[1])
     assert main(argv) == 0
