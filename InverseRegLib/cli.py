@@ -1,4 +1,4 @@
-"""The ``inversereg`` command line: register, train, evaluate, demo.
+"""The ``inversereg`` command line: register, study, points, jacobian, train, evaluate, demo.
 
 Every user-fixable problem ends the program with one line ``inversereg: error: ...`` on stderr
 and exit status 2 (with ``--progress json`` also a ``{"event": "error"}`` line on stdout, which
