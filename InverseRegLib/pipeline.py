@@ -289,6 +289,7 @@ def register(
     del det_forward, det_backward
     label_images = {}
     if fixed_seg is not None and moving_seg is not None:
+        report_progress(0.9, "carrying the label maps both ways")
         label_scores, label_images = label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry,
                                                   moving_geometry, labels, label_interpolation)
         report.update(label_scores)
