@@ -184,12 +184,19 @@ def carry_label_map_between(scene, label_node, fixed_volume, moving_volume, forw
 def carry_segmentation(scene, segmentation_node, source_volume, fixed_volume, moving_volume, forward, backward,
                        method: str = "linear", name: str | None = None):
     """A new segmentation node on the other volume: ``segmentation_node`` (drawn on
-    ``source_volume``, the fixed or the moving one) exported to a label map on the source's grid
+    ``source_volume``, the fixed or the moving one; ``None``: the volume the segmentation names
+    as its reference geometry, as Slicer's Segment Editor sets it) exported to a label map on the source's grid
     (Slicer's own segmentations logic), carried as :func:`carry_label_map`, imported back, each
     segment keeping its name and colour. A segment that vanishes (too small for the target grid)
     is dropped."""
     slicer = _slicer()
     logic = slicer.vtkSlicerSegmentationsModuleLogic
+    if source_volume is None:
+        source_volume = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+        if source_volume is None or source_volume.GetID() not in (fixed_volume.GetID(), moving_volume.GetID()):
+            raise InverseRegError(f"segmentation {segmentation_node.GetName()!r} does not name the fixed or the moving "
+                                  "volume as its reference geometry; say which volume it was drawn on")
+        source_volume = fixed_volume if source_volume.GetID() == fixed_volume.GetID() else moving_volume
     if source_volume not in (fixed_volume, moving_volume):
         raise InverseRegError("the segmentation's source volume must be the fixed or the moving volume")
     segmentation = segmentation_node.GetSegmentation()

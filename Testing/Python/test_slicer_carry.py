@@ -152,7 +152,8 @@ def test_segmentation_goes_to_the_other_volume_keeping_names(scene, case, tmp_pa
         segment = segmentation.GetSegmentation().GetSegment(segment_id)
         segment.SetName(f"structure {segment.GetLabelValue()}")
         segment.SetColor(index / len(ids), 0.5, 1.0 - index / len(ids))
-    carried = carry.carry_segmentation(scene, segmentation, nodes["moving"], nodes["fixed"], nodes["moving"],
+    # the source volume found from the segmentation's reference geometry (the moving volume)
+    carried = carry.carry_segmentation(scene, segmentation, None, nodes["fixed"], nodes["moving"],
                                        nodes["forward_node"], nodes["backward_node"])
     expected = sitk.GetArrayFromImage(sitk.ReadImage(str(case["out"] / "moving_seg_warped.nii.gz")))
     exported = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "check")
@@ -169,6 +170,11 @@ def test_segmentation_goes_to_the_other_volume_keeping_names(scene, case, tmp_pa
                                                                 for s in ids].index(names[i])])
         assert np.allclose(carried.GetSegmentation().GetSegment(segment_id).GetColor(), source.GetColor())
     assert np.mean(lookup[values] == expected) > 0.9999
+    orphan = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "orphan")
+    assert logic.ImportLabelmapToSegmentationNode(nodes["moving_seg"], orphan)
+    with pytest.raises(InverseRegError, match="say which volume"):
+        carry.carry_segmentation(scene, orphan, None, nodes["fixed"], nodes["moving"], nodes["forward_node"],
+                                 nodes["backward_node"])
 
 
 def _segment_ids(node) -> list[str]:
