@@ -159,7 +159,7 @@ def add_after_register_commands(sub, add_common, add_alignment, add_precision) -
 
     p = sub.add_parser("points", help="move points between the images through the fields; TRE with both lists")
     p.add_argument("result", help="a register output folder (forward.nii.gz, backward.nii.gz)")
-    p.add_argument("--fixed-points", help="points on the fixed image (.mrk.json or CSV x,y,z[,label]): "
+    p.add_argument("--fixed-points", help="points on the fixed image (.mrk.json, .fcsv or CSV x,y,z[,label]): "
                    "moved into moving space through forward")
     p.add_argument("--moving-points", help="points on the moving image: moved into fixed space through backward")
     p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS",
@@ -169,7 +169,7 @@ def add_after_register_commands(sub, add_common, add_alignment, add_precision) -
 
 def cmd_points(args) -> int:
     from .imageio import _read, write_text_atomic
-    from .points import is_markups, read_points, target_registration_error, transform_points, write_points
+    from .points import point_file_suffix, read_points, target_registration_error, transform_points, write_points
     if not args.fixed_points and not args.moving_points:
         raise InverseRegError("give --fixed-points, --moving-points or both")
     result = Path(args.result)
@@ -195,7 +195,7 @@ def cmd_points(args) -> int:
     inputs = {Path(p).resolve() for p in (args.fixed_points, args.moving_points) if p}
     outdir.mkdir(parents=True, exist_ok=True)
     for points, positions, name, source in mapped:
-        path = outdir / (name + (".mrk.json" if is_markups(source) else ".csv"))
+        path = outdir / (name + point_file_suffix(source))
         if path.resolve() in inputs:
             raise InverseRegError(f"output {path} would overwrite an input file; choose another folder")
         write_points(points, positions, path)

@@ -10,6 +10,8 @@ Coordinates: the library works in LPS (ITK's, and the field files'). Files say w
 
 - Slicer markups JSON (``.mrk.json``): each markup's ``coordinateSystem`` (``LPS`` or ``RAS``;
   Slicer writes LPS by default); written back in the same system, every other field kept.
+- Slicer's older fiducial CSV (``.fcsv``): its ``# CoordinateSystem`` line (``RAS``/``LPS``, or
+  Slicer's old codes 0 = RAS, 1 = LPS; RAS when absent); written back with every column kept.
 - CSV with a header: columns ``x,y,z`` (optionally ``label`` or ``name``), in the system the
   caller names (default LPS, as ``antsApplyTransformsToPoints`` expects); written the same way.
 
@@ -51,6 +53,50 @@ def is_markups(path) -> bool:
     return str(path).lower().endswith(".json")
 
 
+def is_fcsv(path) -> bool:
+    return str(path).lower().endswith(".fcsv")
+
+
+def point_file_suffix(path) -> str:
+    """The suffix an output of the same kind as ``path`` gets."""
+    return ".mrk.json" if is_markups(path) else ".fcsv" if is_fcsv(path) else ".csv"
+
+
+_FCSV_COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID"]
+
+
+def _read_fcsv(path: Path) -> PointSet:
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InverseRegError(f"cannot read fiducial file {path}: {error}") from None
+    header = [line for line in lines if line.startswith("#")]
+    system, columns = "RAS", list(_FCSV_COLUMNS)
+    for line in header:
+        key, _, value = line.lstrip("#").partition("=")
+        key, value = key.strip().lower(), value.strip()
+        if key == "coordinatesystem":
+            system = {"0": "RAS", "1": "LPS"}.get(value, value.upper())
+            if system not in COORDINATE_SYSTEMS:
+                raise InverseRegError(f"fiducial file {path}: unknown CoordinateSystem {value!r} (LPS or RAS)")
+        elif key == "columns":
+            columns = [c.strip() for c in value.split(",")]
+    if not {"x", "y", "z"} <= set(columns):
+        raise InverseRegError(f"fiducial file {path}: its columns line has no x, y, z")
+    rows = list(csv.reader(line for line in lines if line.strip() and not line.startswith("#")))
+    lps, names = [], []
+    for number, row in enumerate(rows, start=1):
+        values = dict(zip(columns, row))
+        try:
+            position = np.array([float(values["x"]), float(values["y"]), float(values["z"])])
+        except (KeyError, ValueError):
+            raise InverseRegError(f"fiducial file {path}: point {number} has no numeric x, y, z") from None
+        lps.append(position * _FLIP if system == "RAS" else position)
+        names.append(values.get("label") or values.get("id") or str(number))
+    document = {"header": header, "columns": columns, "rows": rows}
+    return PointSet(np.asarray(lps, dtype=np.float64).reshape(-1, 3), names, "fcsv", system, document)
+
+
 def read_points(path, coordinates: str = "LPS") -> PointSet:
     """Read a ``.mrk.json`` or a CSV point list. ``coordinates`` (``LPS``/``RAS``) is the system of a
     CSV file; a markups file names its own. Raises :class:`InverseRegError` naming the file."""
@@ -59,7 +105,12 @@ def read_points(path, coordinates: str = "LPS") -> PointSet:
         raise InverseRegError(f"coordinates must be LPS or RAS, got {coordinates!r}")
     if not path.is_file():
         raise InverseRegError(f"point file not found: {path}")
-    points = _read_markups(path) if is_markups(path) else _read_csv(path, coordinates)
+    if is_markups(path):
+        points = _read_markups(path)
+    elif is_fcsv(path):
+        points = _read_fcsv(path)
+    else:
+        points = _read_csv(path, coordinates)
     if len(points.names) == 0:
         raise InverseRegError(f"point file {path} holds no points")
     return points
@@ -133,6 +184,19 @@ def write_points(points: PointSet, lps: np.ndarray, path) -> Path:
             value = position * _FLIP if system == "RAS" else position
             markup["controlPoints"][p_index]["position"] = [float(v) for v in value]
         write_text_atomic(json.dumps(document, indent=4) + "\n", path)
+        return path
+    if points.kind == "fcsv":
+        import io
+        columns = points.document["columns"]
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        for row, position in zip(points.document["rows"], lps):
+            row = list(row) + [""] * (len(columns) - len(row))
+            value = position * _FLIP if points.coordinates == "RAS" else position
+            for axis, name in enumerate("xyz"):
+                row[columns.index(name)] = f"{value[axis]:.6f}"
+            writer.writerow(row)
+        write_text_atomic("\n".join(points.document["header"]) + "\n" + buffer.getvalue(), path)
         return path
     lines = ["label,x,y,z"]
     for name, position in zip(points.names, lps):

@@ -184,3 +184,36 @@ def test_bad_point_inputs(result, tmp_path, capsys):
         assert not out.exists() or not any(out.iterdir())
     with pytest.raises(InverseRegError, match="outside the fixed image"):
         transform_points(far[None], forward, ["x"], "the fixed image's grid")
+
+
+@needs_slicer
+@pytest.mark.parametrize("system", ["LPS", "RAS"])
+def test_slicer_fcsv_files(result, tmp_path, capsys, system):
+    """Slicer's older fiducial CSV (written by Slicer's own storage node in LPS or RAS) moves like
+    the markups JSON, and Slicer reads the output back, labels (one with a comma) kept."""
+    forward = field(result, "forward")
+    lps = inside_points(forward, 4, seed=11)
+    labels = ["a", "b,c", "d", "e"]
+    scene = slicer.vtkMRMLScene()
+    node = slicer.vtkMRMLMarkupsFiducialNode()
+    scene.AddNode(node)
+    for point, label in zip(lps * FLIP, labels):
+        node.AddControlPoint(*[float(v) for v in point], label)
+    storage = slicer.vtkMRMLMarkupsFiducialStorageNode()
+    scene.AddNode(storage)
+    storage.SetCoordinateSystem(getattr(slicer.vtkMRMLStorageNode, f"CoordinateSystem{system}"))
+    storage.SetFileName(str(tmp_path / "fixed.fcsv"))
+    assert storage.WriteData(node) == 1
+    assert f"CoordinateSystem = {system}" in (tmp_path / "fixed.fcsv").read_text()
+    out = tmp_path / "out"
+    assert main(["points", str(result), "--fixed-points", str(tmp_path / "fixed.fcsv"), "-o", str(out)]) == 0
+    capsys.readouterr()
+    back = slicer.vtkMRMLMarkupsFiducialNode()
+    scene.AddNode(back)
+    reader = slicer.vtkMRMLMarkupsFiducialStorageNode()
+    scene.AddNode(reader)
+    reader.SetFileName(str(out / "fixed_points_in_moving.fcsv"))
+    assert reader.ReadData(back) == 1 and back.GetNumberOfControlPoints() == 4
+    got = np.array([back.GetNthControlPointPosition(i) for i in range(4)])
+    assert [back.GetNthControlPointLabel(i) for i in range(4)] == labels
+    assert np.abs(got * FLIP - itk_map(lps, forward)).max() < 1e-4
