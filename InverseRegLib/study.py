@@ -225,6 +225,9 @@ def run_study(pairs: list[Pair], outdir, model=None, options: dict | None = None
     from .modelfile import LoadedModel, load_model
 
     options = {**default_options(), **(options or {})}
+    if options["passes"] is None:  # the default spelled out, so "--passes 2" later is the same study
+        from .pipeline import DEFAULT_PASSES
+        options["passes"] = DEFAULT_PASSES
     report_error = report_error or (lambda line: print(line, file=sys.stderr, flush=True))
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
