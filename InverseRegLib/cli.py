@@ -1,4 +1,4 @@
-"""The ``inversereg`` command line: register, train, evaluate, demo.
+"""The ``inversereg`` command line: register, study, points, jacobian, train, evaluate, demo.
 
 Every user-fixable problem ends the program with one line ``inversereg: error: ...`` on stderr
 and exit status 2 (with ``--progress json`` also a ``{"event": "error"}`` line on stdout, which
@@ -111,6 +111,7 @@ def cmd_register(args) -> int:
     moving = read_image(args.moving, role="moving image")
     fixed_seg = read_label(args.fixed_seg, role="fixed label map") if args.fixed_seg else None
     moving_seg = read_label(args.moving_seg, role="moving label map") if args.moving_seg else None
+    fixed_seg, moving_seg = _check_label_maps(args, fixed, moving, fixed_seg, moving_seg)
     t_reading = time.perf_counter() - t0
     t0 = time.perf_counter()
     from .modelfile import load_model  # torch: the largest part of the start-up
@@ -125,11 +126,12 @@ def cmd_register(args) -> int:
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
                           fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
-                          precision=args.precision)
+                          precision=args.precision, label_interpolation=args.label_interpolation)
     finally:
         progress.close()
     result.report.update({"seconds_startup": startup, "seconds_reading": round(t_reading, 3),
                           "seconds_loading_model": round(t_model, 3)})
+    _add_jacobians(args, result)
     written = write_result(result, args.output, inputs)
     if args.progress == "json":
         print(json.dumps({"event": "done", "outdir": str(Path(args.output).resolve()), "report": result.report}),
@@ -146,6 +148,159 @@ def _startup_seconds(reading: float) -> float:
     if since_start is None:
         since_start = timing.seconds_since_import()
     return round(max(0.0, since_start - reading), 3)
+
+
+# --- after Register (issue 15): carried label maps, Jacobian determinants -------------------------
+
+def _check_label_maps(args, fixed, moving, fixed_seg, moving_seg):
+    """Each label map on its own image's grid and not empty; errors name the file."""
+    from .labels import check_label_map
+    if fixed_seg is not None:
+        fixed_seg = check_label_map(fixed_seg, fixed, f"fixed label map {args.fixed_seg}", f"the fixed image {args.fixed}")
+    if moving_seg is not None:
+        moving_seg = check_label_map(moving_seg, moving, f"moving label map {args.moving_seg}",
+                                     f"the moving image {args.moving}")
+    return fixed_seg, moving_seg
+
+
+def _add_jacobians(args, result) -> None:
+    """With ``--jacobian``: det J of both fields, written as jacobian_forward/backward.nii.gz."""
+    if not getattr(args, "jacobian", None):
+        return
+    from .jacobian import jacobian_images
+    result.extra_images.update(jacobian_images(result.forward, result.backward, args.jacobian))
+    result.report["jacobian"] = args.jacobian
+
+
+def cmd_jacobian(args) -> int:
+    from .imageio import _read, write_image_atomic
+    from .jacobian import jacobian_image
+    field = _read(args.field, "displacement field")
+    output = Path(args.output)
+    if output.resolve() == Path(args.field).resolve():
+        raise InverseRegError(f"output {output} would overwrite the field; choose another name")
+    if not output.parent.is_dir():
+        raise InverseRegError(f"output folder does not exist: {output.parent}")
+    write_image_atomic(jacobian_image(field, args.log), output)
+    print(f"wrote {output}")
+    return 0
+
+
+def add_after_register_options(p) -> None:
+    p.add_argument("--label-interpolation", choices=["linear", "nearest"], default="linear",
+                   help="how --fixed-seg/--moving-seg are carried to the other grid: linear (label-preserving: "
+                        "argmax of each label's interpolated indicator; default) or nearest")
+    p.add_argument("--jacobian", nargs="?", const="plain", choices=["plain", "log"],
+                   help="also write jacobian_forward.nii.gz (fixed grid) and jacobian_backward.nii.gz (moving "
+                        "grid): det J of each field, or its natural log with --jacobian log")
+
+
+def add_after_register_commands(sub, add_common, add_alignment, add_precision) -> None:
+    p = sub.add_parser("study", help="register many pairs (a template and subjects, or a CSV of pairs): one "
+                                     "folder per pair, summary.csv; resumes; torchrun splits the pairs")
+    p.add_argument("subjects", nargs="*", help="with --template: the subject images (each registered onto it)")
+    p.add_argument("-o", "--output", required=True, help="study folder: one sub-folder per pair and summary.csv")
+    p.add_argument("--pairs", help="CSV with columns fixed,moving[,fixed_seg,moving_seg][,name]; relative paths "
+                                   "are relative to the CSV's folder")
+    p.add_argument("--template", help="the fixed image every subject is registered onto")
+    p.add_argument("--template-seg", help="the template's label map (with --subject-segs)")
+    p.add_argument("--subject-segs", nargs="+", help="the subjects' label maps, in the subjects' order")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_common(p)
+    add_alignment(p)
+    add_precision(p)
+    add_after_register_options(p)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("jacobian", help="Jacobian determinant image of a displacement field file")
+    p.add_argument("field", help="ITK displacement field (e.g. forward.nii.gz)")
+    p.add_argument("-o", "--output", required=True, help="output image, e.g. jacobian.nii.gz")
+    p.add_argument("--log", action="store_true", help="natural log of the determinant")
+    p.set_defaults(func=cmd_jacobian)
+
+    p = sub.add_parser("points", help="move points between the images through the fields; TRE with both lists")
+    p.add_argument("result", help="a register output folder (forward.nii.gz, backward.nii.gz)")
+    p.add_argument("--fixed-points", help="points on the fixed image (.mrk.json, .fcsv or CSV x,y,z[,label]): "
+                   "moved into moving space through forward")
+    p.add_argument("--moving-points", help="points on the moving image: moved into fixed space through backward")
+    p.add_argument("--coordinates", choices=["LPS", "RAS"], default="LPS",
+                   help="coordinate system of CSV files (default LPS, as ITK/ANTs); markups files name their own")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.set_defaults(func=cmd_points)
+
+def cmd_points(args) -> int:
+    from .imageio import _read, write_text_atomic
+    from .points import point_file_suffix, read_points, target_registration_error, transform_points, write_points
+    if not args.fixed_points and not args.moving_points:
+        raise InverseRegError("give --fixed-points, --moving-points or both")
+    result = Path(args.result)
+    if not result.is_dir():
+        raise InverseRegError(f"registration output folder not found: {result}")
+    outdir = Path(args.output)
+    if outdir.exists() and not outdir.is_dir():
+        raise InverseRegError(f"output path exists and is not a folder: {outdir}")
+    fixed_points = read_points(args.fixed_points, args.coordinates) if args.fixed_points else None
+    moving_points = read_points(args.moving_points, args.coordinates) if args.moving_points else None
+    forward = _read(result / "forward.nii.gz", "forward field") if fixed_points else None
+    backward = _read(result / "backward.nii.gz", "backward field") if moving_points else None
+    jobs = []  # (points, field, output name, grid name)
+    if fixed_points:
+        jobs.append((fixed_points, forward, "fixed_points_in_moving", args.fixed_points, "the fixed image's grid"))
+    if moving_points:
+        jobs.append((moving_points, backward, "moving_points_in_fixed", args.moving_points, "the moving image's grid"))
+    mapped = [(points, transform_points(points.lps, field, points.names, grid), name, source)
+              for points, field, name, source, grid in jobs]
+    summary = rows = None
+    if fixed_points and moving_points:
+        summary, rows = target_registration_error(fixed_points, moving_points, forward, backward)
+    inputs = {Path(p).resolve() for p in (args.fixed_points, args.moving_points) if p}
+    outdir.mkdir(parents=True, exist_ok=True)
+    for points, positions, name, source in mapped:
+        path = outdir / (name + point_file_suffix(source))
+        if path.resolve() in inputs:
+            raise InverseRegError(f"output {path} would overwrite an input file; choose another folder")
+        write_points(points, positions, path)
+        print(f"wrote {path} ({len(points.names)} points)")
+    if summary is not None:
+        lines = ["label,before_mm,fixed_to_moving_mm,moving_to_fixed_mm"]
+        lines += [f"{r['label']},{r['before_mm']:.4f},{r['fixed_to_moving_mm']:.4f},{r['moving_to_fixed_mm']:.4f}"
+                  for r in rows]
+        write_text_atomic("\n".join(lines) + "\n", outdir / "tre.csv")
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", outdir / "tre.json")
+        for key, title in (("before", "before registration"), ("fixed_to_moving", "fixed -> moving (forward)"),
+                           ("moving_to_fixed", "moving -> fixed (backward)")):
+            s = summary[key]
+            print(f"TRE {title}: mean {s['mean_mm']:.2f} mm, median {s['median_mm']:.2f} mm, "
+                  f"max {s['max_mm']:.2f} mm over {s['n']} points")
+        print(f"wrote {outdir / 'tre.json'} and {outdir / 'tre.csv'}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .modelfile import load_model
+    from .study import SUMMARY_NAME, pairs_from_csv, pairs_from_template, run_study
+    if bool(args.pairs) == bool(args.template):
+        raise InverseRegError("give either --pairs pairs.csv or --template T with subjects")
+    if args.template:
+        if not args.subjects:
+            raise InverseRegError("--template needs at least one subject image after it")
+        pairs = pairs_from_template(args.template, args.subjects, args.template_seg, args.subject_segs)
+    else:
+        if args.subjects or args.template_seg or args.subject_segs:
+            raise InverseRegError("subjects, --template-seg and --subject-segs go with --template, not --pairs")
+        pairs = pairs_from_csv(args.pairs)
+    options = {"device": args.device, "affine": _affine_arg(args), "refine": args.refine,
+               "labels": _labels_arg(args.labels), "passes": args.passes, "precision": args.precision,
+               "label_interpolation": args.label_interpolation}
+    model = load_model(args.model)
+    rows = run_study(pairs, args.output, model, options, args.jacobian, progress=not args.quiet)
+    counts = {status: sum(r["status"] == status for r in rows) for status in ("ok", "failed", "not run")}
+    print(f"{len(rows)} pairs: {counts['ok']} ok, {counts['failed']} failed, {counts['not run']} not run; "
+          f"summary: {Path(args.output) / SUMMARY_NAME}")
+    return 0 if counts["ok"] == len(rows) else 1
+
+
+# --- end of the after-Register block --------------------------------------------------------------
 
 
 def _print_summary(report: dict, written: dict) -> None:
@@ -261,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--moving-seg", help="label map of the moving image")
     add_precision(p)
     p.add_argument("--progress", choices=["bar", "json", "none"], default="bar")
+    add_after_register_options(p)
     p.set_defaults(func=cmd_register)
 
     p = sub.add_parser("train", help="train a model on a folder of images (pairwise N x (N-1))")
@@ -315,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     add_common(p)
     p.set_defaults(func=cmd_demo)
+    add_after_register_commands(sub, add_common, add_alignment, add_precision)
     return parser
 
 

@@ -219,6 +219,11 @@ OUTPUT_NAMES = (
     "affine.tfm",
     "report.json",
     "overview.png",
+    # carried label maps (--fixed-seg/--moving-seg) and Jacobian determinants (--jacobian)
+    "moving_seg_warped.nii.gz",
+    "fixed_seg_warped.nii.gz",
+    "jacobian_forward.nii.gz",
+    "jacobian_backward.nii.gz",
 )
 
 

@@ -112,7 +112,8 @@ _INDEX_NAMES = ("report.json", "summary.json")
 def write_result(result: RegistrationResult, outdir, inputs: list,
                  extra: dict[str, Writer] | None = None) -> dict[str, Path]:
     """Write the four images, the affine (if any), ``extra`` files (name -> writer, e.g. the
-    demo's overview.png) and report.json into ``outdir`` as one unit (see the module docstring).
+    demo's overview.png), the carried label maps and extra images (Jacobians) if any, and
+    report.json into ``outdir`` as one unit (see the module docstring).
 
     ``inputs`` are the input file paths: an output that would land on one of them is refused
     before anything is written. The report gains ``files`` (size and sha256 of every other
@@ -127,6 +128,9 @@ def write_result(result: RegistrationResult, outdir, inputs: list,
         # intent 1006, which Slicer's reader expects
         writers[f"{name}.nii.gz"] = lambda path, image=image: write_displacement_field(image, path)
     for name, image in (("moving_warped", result.moving_warped), ("fixed_warped", result.fixed_warped)):
+        writers[f"{name}.nii.gz"] = lambda path, image=image: write_image_atomic(image, path)
+    # carried label maps and other per-run images (Jacobians) the front end asked for
+    for name, image in {**result.label_images, **result.extra_images}.items():
         writers[f"{name}.nii.gz"] = lambda path, image=image: write_image_atomic(image, path)
     if result.affine is not None:
         from .affine import write_affine

@@ -27,6 +27,7 @@ from .fields import affine_matrix, field_to_image, resample_field, voxel_field_t
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
+from .labels import LABEL_METHODS, check_label_map, compact_labels, grid_mismatch, warp_labels
 from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
@@ -51,6 +52,11 @@ class RegistrationResult:
     fixed_warped: sitk.Image  # fixed resampled onto the moving grid
     affine: sitk.Transform | None  # fixed -> moving affine part (None when switched off)
     report: dict = field(default_factory=dict)
+    # with label maps: "moving_seg_warped" (moving labels on the fixed grid, through forward) and
+    # "fixed_seg_warped" (fixed labels on the moving grid, through backward); written beside the fields
+    label_images: dict = field(default_factory=dict)
+    # other images a front end adds before writing (e.g. "jacobian_forward"), written as <name>.nii.gz
+    extra_images: dict = field(default_factory=dict)
 
 
 def _peak_memory_mb(device: torch.device) -> dict:
@@ -163,6 +169,7 @@ def register(
     cancel: Callable[[], bool] | None = None,
     passes: int | None = None,
     precision: str = "auto",
+    label_interpolation: str = "linear",
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -173,7 +180,10 @@ def register(
     ``precision`` (``auto``, ``float32``, ``bfloat16``): the dtype of the network's convolutions;
     ``auto`` is bfloat16 on CPUs that compute it natively (see :func:`~.device.resolve_precision`).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
-    ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share).
+    ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share),
+    and are carried to the other grid (``result.label_images``) with ``label_interpolation``
+    (``linear``: label-preserving, or ``nearest``; see :mod:`InverseRegLib.labels`); the Dice is
+    that of exactly those carried label maps.
     """
     t_start = time.perf_counter()
     report_progress = progress or (lambda fraction, message: None)
@@ -197,6 +207,12 @@ def register(
         labels = resolve_labels(labels)
     except ValueError as error:
         raise InverseRegError(str(error)) from None
+    if label_interpolation not in LABEL_METHODS:
+        raise InverseRegError(f"label interpolation must be one of {', '.join(LABEL_METHODS)}, got {label_interpolation!r}")
+    if fixed_seg is not None:
+        fixed_seg = check_label_map(fixed_seg, fixed, "fixed label map", "the fixed image")
+    if moving_seg is not None:
+        moving_seg = check_label_map(moving_seg, moving, "moving label map", "the moving image")
     device = resolve_device(device)
     dtype = resolve_precision(precision, device)
     if device.type == "cuda":
@@ -282,29 +298,40 @@ def register(
         "ice_p95_mm": ice_p95,
         "ice_sampled_every": ICE_STRIDE,
     }
+    label_images = {}
     if fixed_seg is not None and moving_seg is not None:
-        report.update(label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, moving_geometry, labels))
+        report_progress(0.9, "carrying the label maps both ways")
+        label_scores, label_images = label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry,
+                                                  moving_geometry, labels, label_interpolation)
+        report.update(label_scores)
     report.update(_peak_memory_mb(device))
     report["seconds_total"] = round(time.perf_counter() - t_start, 3)
     report_progress(1.0, "done")
-    return RegistrationResult(forward_image, backward_image, moving_warped, fixed_warped, transform, report)
+    return RegistrationResult(forward_image, backward_image, moving_warped, fixed_warped, transform, report,
+                              label_images)
 
 
-def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, moving_geometry, labels=None) -> dict:
-    """Dice per label both ways and the paper's BIR for the forward direction."""
-    fixed_labels = sitk.GetArrayFromImage(fixed_seg).astype(np.int32)
-    moving_labels = sitk.GetArrayFromImage(moving_seg).astype(np.int32)
-    if fixed_labels.shape != fixed_geometry.array_shape or moving_labels.shape != moving_geometry.array_shape:
-        raise InverseRegError("each label map must have the size of its image (fixed-seg with fixed, moving-seg with moving)")
-    warped_moving = sitk.GetArrayFromImage(warp_image(sitk.Cast(moving_seg, sitk.sitkInt32), forward, fixed_geometry, nearest=True))
-    warped_fixed = sitk.GetArrayFromImage(warp_image(sitk.Cast(fixed_seg, sitk.sitkInt32), backward, moving_geometry, nearest=True))
+def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, moving_geometry, labels=None,
+                 method: str = "linear") -> tuple[dict, dict]:
+    """Dice per label both ways and the paper's BIR, and the carried label maps they score:
+    ``(scores, {"moving_seg_warped": on the fixed grid, "fixed_seg_warped": on the moving grid})``."""
+    fixed_seg = check_label_map(fixed_seg, fixed_geometry, "fixed label map", "the fixed image")
+    moving_seg = check_label_map(moving_seg, moving_geometry, "moving label map", "the moving image")
+    fixed_labels = sitk.GetArrayFromImage(fixed_seg)
+    moving_labels = sitk.GetArrayFromImage(moving_seg)
+    moving_carried = warp_labels(moving_seg, forward, fixed_geometry, method)
+    fixed_carried = warp_labels(fixed_seg, backward, moving_geometry, method)
+    warped_moving = sitk.GetArrayFromImage(moving_carried)
+    warped_fixed = sitk.GetArrayFromImage(fixed_carried)
     if labels is None:  # register() has resolved names such as 'freesurfer' already
         labels = sorted(int(v) for v in set(np.unique(fixed_labels)) & set(np.unique(moving_labels)) - {0})
     forward_dice = dice_per_label(warped_moving, fixed_labels, labels)
     backward_dice = dice_per_label(warped_fixed, moving_labels, labels)
     # overlap before registration, in physical space (the grids may differ)
-    unregistered = sitk.GetArrayFromImage(warp_image(sitk.Cast(moving_seg, sitk.sitkInt32),
-                                                     np.zeros_like(forward), fixed_geometry, nearest=True))
+    if grid_mismatch(moving_geometry, fixed_geometry) is None:  # one grid: the identity keeps every voxel
+        unregistered = moving_labels
+    else:
+        unregistered = sitk.GetArrayFromImage(warp_labels(moving_seg, np.zeros_like(forward), fixed_geometry, method))
     before = dice_per_label(unregistered, fixed_labels, labels)
     out = {
         "labels": labels,
@@ -316,4 +343,5 @@ def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, movin
         "bir_backward": bir(warped_fixed, moving_labels, labels),
     }
     out["dice_mean_before"] = float(np.mean(list(before.values()))) if before else None
-    return out
+    out["label_interpolation"] = method
+    return out, {"moving_seg_warped": compact_labels(moving_carried), "fixed_seg_warped": compact_labels(fixed_carried)}

@@ -13,7 +13,8 @@ Modules: ``volumes`` (volume nodes <-> SimpleITK images), ``results`` (a result 
 transform nodes and registered volumes), ``views`` (directions, the user's own transforms,
 difference / blend / checkerboard views), ``runner`` (the background registration process),
 ``folders`` (temporary folders the module created, and only those, are deleted), ``checks``
-(input problems as sentences), ``render`` (slice views to pictures, offscreen), ``tests`` (the
+(input problems as sentences), ``carry`` (label maps, segmentations and markups carried
+across, Jacobian volumes), ``render`` (slice views to pictures, offscreen), ``tests`` (the
 test bodies both pytest and ``InverseRegTest`` run).
 """
 

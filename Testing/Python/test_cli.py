@@ -208,7 +208,7 @@ def test_register_progress_json_and_outputs(capsys, inputs, tmp_path):
     assert done["report"]["passes"] == 2
     written = sorted(p.name for p in outdir.iterdir())
     assert written == sorted(["forward.nii.gz", "backward.nii.gz", "moving_warped.nii.gz", "fixed_warped.nii.gz",
-                              "report.json"])
+                              "moving_seg_warped.nii.gz", "fixed_seg_warped.nii.gz", "report.json"])
     assert set(written) <= set(OUTPUT_NAMES)
     forward = sitk.ReadImage(str(outdir / "forward.nii.gz"))
     fixed = sitk.ReadImage(str(inputs["fixed.nii.gz"]))
