@@ -65,8 +65,8 @@ def check_label_map(labels: sitk.Image, image, role: str = "label map", image_ro
     geometry = image if isinstance(image, Geometry) else Geometry.of(image)
     mismatch = grid_mismatch(Geometry.of(labels), geometry)
     if mismatch is not None:
-        raise InverseRegError(f"{role} is not on the grid of {image_role} ({mismatch}); "
-                              "a label map must be drawn on its own image's grid")
+        raise InverseRegError(f"{role} is not on the grid of {image_role} ({mismatch}); a label map must have "
+                              "the size of its image and share its spacing, origin and direction")
     array = sitk.GetArrayViewFromImage(labels)
     if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
         raise InverseRegError(f"{role} has non-integer values")
