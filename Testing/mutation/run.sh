@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Mutation testing of the core modules with mutmut 3 (not part of `make test`).
 #
-#   Testing/mutation/run.sh [WORK_DIR]        # default: $TMPDIR/inversereg-mutation
+#   Testing/mutation/run.sh [WORK_DIR [MUTANT_NAME...]]   # default: $TMPDIR/inversereg-mutation
+#
+# MUTANT_NAME (mutmut's names, '*' allowed, e.g. 'InverseRegLib.warp.x_warp__mutmut_*') reruns
+# only those mutants, e.g. the survivors of the last run after new tests were added.
 #
 # Needs `pip install mutmut==3.8.1` in the environment that runs the tests. The repository is
 # copied into WORK_DIR (mutmut writes its mutants/ folder and cache there, never into the
@@ -15,6 +18,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 WORK="${1:-${TMPDIR:-/tmp}/inversereg-mutation}"
+shift || true
 PYTHON="${PYTHON:-python}"
 MODULES="${MODULES:-InverseRegLib/outputs.py InverseRegLib/metrics.py InverseRegLib/warp.py}"
 # the tests that judge these modules from outside and are quick (a mutant in a function runs
@@ -57,7 +61,7 @@ find "$WORK/InverseRegLib" "$WORK/Testing" -name __pycache__ -prune -exec rm -rf
 cd "$WORK"
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 CUDA_VISIBLE_DEVICES=""
 started=$(date +%s)
-"$PYTHON" -m mutmut run --max-children "$CHILDREN" || true
+"$PYTHON" -m mutmut run --max-children "$CHILDREN" "$@" || true
 "$PYTHON" -m mutmut results --all true > results.txt 2>&1 || "$PYTHON" -m mutmut results > results.txt 2>&1 || true
 grep -E ": (survived|no tests)" results.txt > survivors.txt || true
 echo "mutmut took $(( $(date +%s) - started )) s; $(wc -l < survivors.txt) survivors listed in $WORK/survivors.txt"
