@@ -52,10 +52,12 @@ def gzip_file(source, target, level: int = LEVEL, strategy: int = STRATEGY, thre
                 writer.write(future.result())
 
 
-def gzip_bytes(data: bytes, target, level: int = LEVEL, strategy: int = STRATEGY, threads: int = 1) -> None:
-    """:func:`gzip_file` for data already in memory (e.g. a NIfTI file whose header was edited)."""
+def gzip_bytes(data: bytes, target, level: int = LEVEL, strategy: int = STRATEGY, threads: int = 1,
+               block: int = BLOCK) -> None:
+    """:func:`gzip_file` for data already in memory (e.g. a NIfTI file whose header was edited);
+    ``block``: input bytes per gzip member when ``threads`` > 1."""
     view = memoryview(data)
-    blocks = [view[i:i + BLOCK] for i in range(0, len(view), BLOCK)] or [view[:0]]
+    blocks = [view[i:i + block] for i in range(0, len(view), block)] or [view[:0]]
     with open(Path(target), "wb") as writer:
         if threads <= 1:
             compressor = zlib.compressobj(level, zlib.DEFLATED, 31, 8, strategy)

@@ -120,18 +120,16 @@ def write_displacement_field(field: sitk.Image, path, chunk_bytes: int = 8 << 20
     and y negated and intent 1006 is put into the header; every one of those readers then gets
     exactly ``field``'s values back (Testing/Python/test_slicer_fields.py checks each).
 
-    ``.nii.gz`` is compressed at zlib level 1 in ``chunk_bytes`` pieces on all cores (zlib
-    releases the GIL), each piece a gzip member of its own: a multi-member gzip file, which zlib,
-    ITK, ANTs, nibabel and Python's gzip all read as one stream.
+    ``.nii.gz`` is compressed as :mod:`.fastgzip` does (zlib level 1, run-length strategy) in
+    ``chunk_bytes`` pieces in parallel, each a gzip member of its own: a multi-member gzip file,
+    which zlib, ITK, ANTs, nibabel and Python's gzip all read as one stream.
 
     One consequence of intent 1006: SimpleITK keeps ``intent_code`` in the metadata of an image
     it read from such a file, and its NIfTI writer then refuses that image ("RAS conversion
     requires pixel to be 3-component vector"). To save a copy as NIfTI, use this function (or
     erase the image's metadata first); other formats (.mha, .nrrd) are not affected.
     """
-    import gzip
     import struct
-    from concurrent.futures import ThreadPoolExecutor
 
     path = Path(path)
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
@@ -153,15 +151,11 @@ def write_displacement_field(field: sitk.Image, path, chunk_bytes: int = 8 << 20
         if struct.unpack_from("<i", data, 0)[0] != 348:
             raise InverseRegError(f"{path.name}: SimpleITK did not write a little-endian NIfTI-1 header")
         struct.pack_into("<h", data, 68, 1006)  # intent_code: NIFTI_INTENT_DISPVECT
-        with open(tmp, "wb") as out:
-            if path.name.endswith(".gz"):
-                view = memoryview(data)
-                pieces = [view[start:start + chunk_bytes] for start in range(0, len(view), chunk_bytes)]
-                with ThreadPoolExecutor(max_workers=min(len(pieces), os.cpu_count() or 1)) as pool:
-                    for member in pool.map(lambda piece: gzip.compress(piece, compresslevel=1, mtime=0), pieces):
-                        out.write(member)
-            else:
-                out.write(data)
+        if path.name.endswith(".gz"):
+            from .fastgzip import default_threads, gzip_bytes
+            gzip_bytes(bytes(data), tmp, threads=max(2, default_threads()), block=chunk_bytes)
+        else:
+            Path(tmp).write_bytes(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
