@@ -128,7 +128,7 @@ def test_label_maps_and_labels_give_the_dice_simpleitk_sees(capsys, files, tmp_p
         reference = sitk.ReadImage(str(files[ref]))
         transform = sitk.DisplacementFieldTransform(sitk.ReadImage(str(outdir / f"{name}.nii.gz"), sitk.sitkVectorFloat64))
         warped = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(files[seg])), reference, transform,
-                                                      sitk.sitkNearestNeighbor, 0))
+                                                      sitk.sitkLabelLinear, 0))
         target = sitk.GetArrayFromImage(reference)
         for label in (2, 41, 4):
             a, b = warped == label, target == label
