@@ -206,17 +206,20 @@ def _sample_normalized(volume: torch.Tensor, grid: torch.Tensor, geometry: Geome
     return values
 
 
-def field_to_image(displacement: np.ndarray, geometry: Geometry) -> sitk.Image:
+def field_to_image(displacement: np.ndarray, geometry: Geometry, float64: bool = True) -> sitk.Image:
     """(z, y, x, 3) LPS mm on ``geometry`` -> ITK displacement field image (VectorFloat64).
 
     A float32 array goes through a float32 image and ITK's cast, which needs 1.5x the final
-    image's memory at its peak instead of 2x for a float64 copy first (large grids)."""
+    image's memory at its peak instead of 2x for a float64 copy first (large grids).
+    ``float64=False`` keeps a float32 array's image float32 (a caller that frees the array before
+    casting saves its memory too)."""
     expected = (*geometry.array_shape, 3)
     if displacement.shape != expected:
         raise ValueError(f"displacement shape {displacement.shape} does not match the grid {expected}")
     if np.asarray(displacement).dtype == np.float32:
-        image = sitk.Cast(sitk.GetImageFromArray(np.ascontiguousarray(displacement), isVector=True),
-                          sitk.sitkVectorFloat64)
+        image = sitk.GetImageFromArray(np.ascontiguousarray(displacement), isVector=True)
+        if float64:
+            image = sitk.Cast(image, sitk.sitkVectorFloat64)
     else:
         image = sitk.GetImageFromArray(np.ascontiguousarray(displacement, dtype=np.float64), isVector=True)
     return geometry.apply_to(image)

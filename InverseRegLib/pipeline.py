@@ -255,8 +255,11 @@ def register(
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
     forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
-    forward_image = field_to_image(forward, fixed_geometry)
-    backward_image = field_to_image(backward, moving_geometry)
+    forward_image = field_to_image(forward, fixed_geometry, float64=False)
+    backward_image = field_to_image(backward, moving_geometry, float64=False)
+    del forward, backward  # freed before the cast: on a 400x400x300 grid that is 0.6 GB less at the peak
+    forward_image = sitk.Cast(forward_image, sitk.sitkVectorFloat64)
+    backward_image = sitk.Cast(backward_image, sitk.sitkVectorFloat64)
     # from here on the arrays are views of the images (no second copy of a large field)
     forward, backward = sitk.GetArrayViewFromImage(forward_image), sitk.GetArrayViewFromImage(backward_image)
     t_fields = time.perf_counter() - t_start
