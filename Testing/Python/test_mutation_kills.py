@@ -53,3 +53,33 @@ def test_resize_displacement_keeps_the_physical_length_on_short_axes(old, new, f
     resized = resize_displacement(field, (new, new, new))
     assert resized.shape == (1, 3, new, new, new)
     assert torch.allclose(resized, torch.full_like(resized, factor))
+
+
+def test_files_are_staged_in_a_hidden_folder_inside_the_output_folder(tmp_path):
+    """While a run writes, the output folder shows one new entry, a hidden staging folder, and
+    each file is written inside it: same file system as the final names, so the renames that put
+    the files in place cannot fail half-way across devices (mutants: mkdtemp without the prefix,
+    or without dir=outdir)."""
+    from InverseRegLib.outputs import STAGING_PREFIX, write_result
+    from InverseRegLib.pipeline import register
+    from InverseRegLib.synthetic import make_pair
+    from inversereg_testlib import small_model
+
+    fixed, moving, _, _ = make_pair(size=(24, 28, 24), spacing=(6.8, 6.8, 6.8), seed=3)
+    result = register(fixed, moving, small_model("default"), "cpu", None, passes=1)
+    outdir = tmp_path / "out"
+    seen = {}
+
+    def probe(path):
+        seen["path"] = path
+        seen["entries"] = sorted(p.name for p in outdir.iterdir())
+        path.write_text("probe\n")
+
+    written = write_result(result, outdir, [], extra={"probe.txt": probe})
+    assert len(seen["entries"]) == 1 and seen["entries"][0].startswith(STAGING_PREFIX)
+    assert seen["path"].parent.parent.parent == outdir  # outdir/<staging>/new/probe.txt
+    assert written["probe"] == outdir / "probe.txt" and (outdir / "probe.txt").read_text() == "probe\n"
+    # the returned paths are keyed by file name without its extensions (mutants of that split)
+    assert list(written) == ["forward", "backward", "moving_warped", "fixed_warped", "probe", "report"]
+    assert written["forward"] == outdir / "forward.nii.gz" and written["report"] == outdir / "report.json"
+    assert not any(p.name.startswith(".") for p in outdir.iterdir())
