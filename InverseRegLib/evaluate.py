@@ -16,6 +16,7 @@ from .pipeline import register
 
 PAIR_COLUMNS = ["fixed", "moving", "dice_mean_before", "dice_mean", "dice_mean_backward", "bir", "bir_backward",
                 "folding_percent_forward", "folding_percent_backward", "ice_mean_mm", "ice_p95_mm",
+                "ice_moving_mean_mm", "ice_moving_p95_mm", "seconds_inverse",
                 "seconds_network", "seconds_total", "peak_memory_mb_process"]
 
 

@@ -29,6 +29,7 @@ from .fields import (affine_matrix, field_to_image, folding_percent, inverse_con
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
+from .inverse import invert_field
 from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
@@ -234,6 +235,12 @@ def register(
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
     forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
+    # the written backward field made the inverse of the written forward one (the network's own
+    # backward field is the starting point); see InverseRegLib.inverse
+    t0 = time.perf_counter()
+    backward, inverse_stats = invert_field(forward, fixed_geometry, moving_geometry, initial=backward,
+                                           linear=None if transform is None else affine_matrix(transform)[0])
+    t_inverse = time.perf_counter() - t0
     forward_image = field_to_image(forward, fixed_geometry)
     backward_image = field_to_image(backward, moving_geometry)
     t_fields = time.perf_counter() - t_start
@@ -250,6 +257,7 @@ def register(
     det_forward = jacobian_determinant(forward, fixed_geometry)
     det_backward = jacobian_determinant(backward, moving_geometry)
     ice_mean, ice_p95 = inverse_consistency_error(forward_image, backward_image, fixed_mask)
+    ice_moving_mean, ice_moving_p95 = inverse_consistency_error(backward_image, forward_image, moving_mask)
     report = {
         "device": device.type,
         "model_id": model.model_id,
@@ -269,6 +277,10 @@ def register(
         "folding_percent_backward_foreground": folding_percent(det_backward, moving_mask),
         "ice_mean_mm": ice_mean,
         "ice_p95_mm": ice_p95,
+        "ice_moving_mean_mm": ice_moving_mean,
+        "ice_moving_p95_mm": ice_moving_p95,
+        "seconds_inverse": round(t_inverse, 3),
+        **inverse_stats.as_report(),
     }
     del det_forward, det_backward
     if fixed_seg is not None and moving_seg is not None:
