@@ -107,19 +107,32 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
         # the points still iterating, compacted (N, ...) and shrunk as they converge
         bb, gg, rr = (t.index_select(0, active) for t in (flat_b, flat_g0, residual))
         del residual
+        old_norm = residual_norm.index_select(0, active)
+        damping = torch.ones(active.numel(), 1)
         while True:
-            bb -= torch.bmm(precondition, rr.unsqueeze(2)).squeeze(2)
-            rr = bb + _sample(volume, gg + _times_transpose(bb, k))
-            norm = torch.linalg.vector_norm(rr, dim=1)
+            step = torch.bmm(precondition, rr.unsqueeze(2)).squeeze(2) * damping
+            trial = bb - step
+            trial_r = trial + _sample(volume, gg + _times_transpose(trial, k))
+            norm = torch.linalg.vector_norm(trial_r, dim=1)
+            # backtracking: where the residual grew (the preconditioner is off, e.g. when the
+            # start is far from the answer) keep the point and halve its step
+            worse = norm > old_norm
+            better = ~worse
+            bb = torch.where(worse[:, None], bb, trial)
+            rr = torch.where(worse[:, None], rr, trial_r)
+            norm = torch.where(worse, old_norm, norm)
+            damping = torch.where(worse[:, None], damping * 0.5, torch.clamp(damping * 2.0, max=1.0))
+            old_norm = norm
             residual_norm.index_copy_(0, active, norm)
             done += 1
-            keep = norm > tolerance
+            keep = (norm > tolerance) & (better | (damping[:, 0] > 1e-3))
             if done >= iterations or not bool(keep.any()):
                 flat_b.index_copy_(0, active, bb)
                 break
             finished = ~keep
             flat_b.index_copy_(0, active[finished], bb[finished])
             active, bb, gg, rr, precondition = active[keep], bb[keep], gg[keep], rr[keep], precondition[keep]
+            old_norm, damping = old_norm[keep], damping[keep]
     inside_norm = residual_norm[inside]
     stats = InverseStats(done, float(inside_norm.mean()) if inside_norm.numel() else 0.0,
                          float(inside_norm.max()) if inside_norm.numel() else 0.0,

@@ -37,6 +37,9 @@ from .warp import compose, warp
 
 Progress = Callable[[float, str], None]
 
+#: ``register(quality=...)``: the network alone, or followed by full-resolution iterations
+QUALITIES = ("fast", "best")
+
 #: network passes per registration (see :func:`run_network`); measured in docs/benchmark.md
 DEFAULT_PASSES = 2
 
@@ -165,6 +168,8 @@ def register(
     cancel: Callable[[], bool] | None = None,
     passes: int | None = None,
     precision: str = "auto",
+    quality: str = "fast",
+    fullres_settings=None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -174,6 +179,10 @@ def register(
     the moving image warped by the fields so far (see :func:`run_network`; None: ``DEFAULT_PASSES``).
     ``precision`` (``auto``, ``float32``, ``bfloat16``): the dtype of the network's convolutions;
     ``auto`` is bfloat16 on CPUs that compute it natively (see :func:`~.device.resolve_precision`).
+    ``quality``: ``fast`` (the network's fields) or ``best`` (then greedy-like iterations at the
+    input's full resolution, warm-started from them: :mod:`InverseRegLib.fullres`; its settings
+    ``fullres_settings``, default :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
+    backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share).
     """
@@ -191,6 +200,8 @@ def register(
     passes = DEFAULT_PASSES if passes is None else passes
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise InverseRegError(f"passes must be a whole number >= 1, got {passes!r}")
+    if quality not in QUALITIES:
+        raise InverseRegError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
     if affine not in (None, "affine", "rigid"):
         raise InverseRegError(f"affine must be 'affine', 'rigid' or None, got {affine!r}")
     try:
@@ -235,6 +246,14 @@ def register(
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
     forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
+    t_fullres = 0.0
+    if quality == "best":
+        from .fullres import DEFAULT_SETTINGS, optimise_fullres
+        check_cancel()
+        t0 = time.perf_counter()
+        forward = optimise_fullres(fixed, moving, forward, fullres_settings or DEFAULT_SETTINGS,
+                                   lambda f, m: report_progress(0.6 + 0.1 * f, m), cancel)
+        t_fullres = time.perf_counter() - t0
     # the written backward field made the inverse of the written forward one (the network's own
     # backward field is the starting point); see InverseRegLib.inverse
     t0 = time.perf_counter()
@@ -279,6 +298,8 @@ def register(
         "ice_p95_mm": ice_p95,
         "ice_moving_mean_mm": ice_moving_mean,
         "ice_moving_p95_mm": ice_moving_p95,
+        "quality": quality,
+        "seconds_fullres": round(t_fullres, 3),
         "seconds_inverse": round(t_inverse, 3),
         **inverse_stats.as_report(),
     }
