@@ -40,7 +40,7 @@ def test_optimiser_recovers_a_known_deformation(pair):
     before = np.linalg.norm(true_field - start, axis=-1)[mask].mean()
     result = optimise_fullres(fixed, moving, start, FullResSettings(iterations=(20, 20), step=0.5))
     after = np.linalg.norm(true_field - result, axis=-1)[mask].mean()
-    assert before > 1.5 and after < 0.5 * before
+    assert before > 1.5 and after < 0.6 * before
     from InverseRegLib.fields import jacobian_determinant
     assert (jacobian_determinant(result, geometry) > 0).all()
 
