@@ -38,6 +38,8 @@ from .grid import Geometry
 DEFAULT_TOLERANCE_MM = 1e-3
 #: iteration limit: from the network's starting point the brain converges in ~5 (1 mm brains)
 DEFAULT_ITERATIONS = 12
+#: the preconditioner is recomputed from the current iterate every this many iterations
+RELINEARIZE_EVERY = 4
 
 
 @dataclass
@@ -133,6 +135,11 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
             flat_b.index_copy_(0, active[finished], bb[finished])
             active, bb, gg, rr, precondition = active[keep], bb[keep], gg[keep], rr[keep], precondition[keep]
             old_norm, damping = old_norm[keep], damping[keep]
+            if done % RELINEARIZE_EVERY == 0:
+                # the start's Jacobian is a poor guide where the start was far off (e.g. after the
+                # full-resolution iterations moved the forward field): take the current iterate's
+                flat_b.index_copy_(0, active, bb)
+                precondition = _jacobian_at(b, moving_geometry, active)
     inside_norm = residual_norm[inside]
     stats = InverseStats(done, float(inside_norm.mean()) if inside_norm.numel() else 0.0,
                          float(inside_norm.max()) if inside_norm.numel() else 0.0,

@@ -257,8 +257,10 @@ def register(
     # the written backward field made the inverse of the written forward one (the network's own
     # backward field is the starting point); see InverseRegLib.inverse
     t0 = time.perf_counter()
+    # after the full-resolution iterations the network's backward field is a farther start
     backward, inverse_stats = invert_field(forward, fixed_geometry, moving_geometry, initial=backward,
-                                           linear=None if transform is None else affine_matrix(transform)[0])
+                                           linear=None if transform is None else affine_matrix(transform)[0],
+                                           iterations=12 if quality == "fast" else 30)
     t_inverse = time.perf_counter() - t0
     forward_image = field_to_image(forward, fixed_geometry)
     backward_image = field_to_image(backward, moving_geometry)

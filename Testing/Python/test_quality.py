@@ -83,3 +83,24 @@ def test_bad_quality_and_settings_are_refused(pair):
         register(fixed, moving, small_model("default"), "cpu", None, quality="fastest")
     with pytest.raises(InverseRegError, match="iterations per level"):
         FullResSettings(iterations=(10, -1))
+
+
+def test_cli_quality_option(pair, tmp_path, capsys):
+    """``inversereg register --quality best`` writes the fields and says so in report.json;
+    an unknown value exits with status 2 naming the allowed choices, before any work."""
+    import json
+    from inversereg_testlib import write_model_file
+    from InverseRegLib.cli import main
+    fixed, moving, _, _, _ = pair
+    sitk.WriteImage(fixed, str(tmp_path / "fixed.nii.gz"))
+    sitk.WriteImage(moving, str(tmp_path / "moving.nii.gz"))
+    model = write_model_file(tmp_path / "small.pt", small_model("default", 2e4))
+    base = [str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"), "--model", str(model),
+            "--no-affine", "--device", "cpu", "--progress", "none"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["register", *base, "-o", str(tmp_path / "bad"), "--quality", "fastest"])
+    assert exit_info.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main(["register", *base, "-o", str(tmp_path / "out"), "--quality", "best"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["quality"] == "best" and report["seconds_fullres"] > 0
