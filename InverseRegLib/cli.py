@@ -126,7 +126,8 @@ def cmd_register(args) -> int:
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
                           fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
-                          precision=args.precision, label_interpolation=args.label_interpolation)
+                          precision=args.precision, label_interpolation=args.label_interpolation,
+                          quality=args.quality)
     finally:
         progress.close()
     del fixed, moving, fixed_seg, moving_seg  # not needed for writing, where the peak memory is on large grids
@@ -350,7 +351,7 @@ def cmd_evaluate(args) -> int:
     try:
         summary = evaluate_folder(args.data_dir, args.output, args.model, args.device, _affine_arg(args),
                                   args.refine, _labels_arg(args.labels), args.subjects, on_pair, args.passes,
-                                  args.precision)
+                                  args.precision, args.quality)
     finally:
         bar.close()
     print(json.dumps(summary, indent=2))
@@ -406,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--passes", type=int, metavar="N",
                        help="network passes, each on the moving image warped so far (default: the library's)")
         p.add_argument("--labels", help="labels to evaluate: all (default), freesurfer, or a list like 2,3,41")
+        p.add_argument("--quality", choices=["fast", "best"], default="fast",
+                       help="fast: the network's fields (default); best: then greedy-like iterations at the "
+                            "input's full resolution (slower, more accurate)")
 
     p = sub.add_parser("register", help="register a pair; writes forward/backward fields, warped images, report")
     p.add_argument("fixed")

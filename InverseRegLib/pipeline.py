@@ -28,13 +28,17 @@ from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
 from .labels import LABEL_METHODS, check_label_map, compact_labels, grid_mismatch, warp_labels
+from .inverse import invert_field
 from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
-from .quality import ICE_STRIDE, folding_on_model_grid, inverse_consistency
+from .quality import ICE_STRIDE, folding_on_image_grid, folding_on_model_grid, inverse_consistency
 from .warp import compose, warp
 
 Progress = Callable[[float, str], None]
+
+#: ``register(quality=...)``: the network alone, or followed by full-resolution iterations
+QUALITIES = ("fast", "best")
 
 #: network passes per registration (see :func:`run_network`); measured in docs/benchmark.md
 DEFAULT_PASSES = 2
@@ -170,6 +174,8 @@ def register(
     passes: int | None = None,
     precision: str = "auto",
     label_interpolation: str = "linear",
+    quality: str = "fast",
+    fullres_settings=None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -179,6 +185,10 @@ def register(
     the moving image warped by the fields so far (see :func:`run_network`; None: ``DEFAULT_PASSES``).
     ``precision`` (``auto``, ``float32``, ``bfloat16``): the dtype of the network's convolutions;
     ``auto`` is bfloat16 on CPUs that compute it natively (see :func:`~.device.resolve_precision`).
+    ``quality``: ``fast`` (the network's fields) or ``best`` (then greedy-like iterations at the
+    input's full resolution, warm-started from them: :mod:`InverseRegLib.fullres`; its settings
+    ``fullres_settings``, default :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
+    backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share),
     and are carried to the other grid (``result.label_images``) with ``label_interpolation``
@@ -201,6 +211,8 @@ def register(
     passes = DEFAULT_PASSES if passes is None else passes
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise InverseRegError(f"passes must be a whole number >= 1, got {passes!r}")
+    if quality not in QUALITIES:
+        raise InverseRegError(f"quality must be one of {', '.join(QUALITIES)}, got {quality!r}")
     if affine not in (None, "affine", "rigid"):
         raise InverseRegError(f"affine must be 'affine', 'rigid' or None, got {affine!r}")
     try:
@@ -255,6 +267,21 @@ def register(
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
     forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
+    t_fullres = 0.0
+    if quality == "best":
+        from .fullres import DEFAULT_SETTINGS, optimise_fullres
+        check_cancel()
+        t0 = time.perf_counter()
+        forward = optimise_fullres(fixed, moving, forward, fullres_settings or DEFAULT_SETTINGS,
+                                   lambda f, m: report_progress(0.6 + 0.1 * f, m), cancel)
+        t_fullres = time.perf_counter() - t0
+    # the written backward field made the inverse of the written forward one (the network's own
+    # backward field is the starting point; after the full-resolution iterations a farther one)
+    t0 = time.perf_counter()
+    backward, inverse_stats = invert_field(forward, fixed_geometry, moving_geometry, initial=backward,
+                                           linear=None if transform is None else affine_matrix(transform)[0],
+                                           iterations=12 if quality == "fast" else 30)
+    t_inverse = time.perf_counter() - t0
     forward_image = field_to_image(forward, fixed_geometry, float64=False)
     backward_image = field_to_image(backward, moving_geometry, float64=False)
     del forward, backward  # freed before the cast: on a 400x400x300 grid that is 0.6 GB less at the peak
@@ -271,11 +298,19 @@ def register(
 
     report_progress(0.85, "measuring folding and inverse consistency")
     t0 = time.perf_counter()
-    # folding where the fields come from (the model grid; see quality.py), each on its own
-    # image's foreground: φST over the fixed image, φTS over the affinely aligned moving one
-    folding_forward = folding_on_model_grid(d_st, geometry, foreground_mask(None, normalized=normalize(fixed_on_model)))
-    folding_backward = folding_on_model_grid(d_ts, geometry, foreground_mask(None, normalized=normalize(moving_on_model)))
+    moving_mask = foreground_mask(moving)
+    if quality == "fast":
+        # folding where the fields come from (the model grid; see quality.py), each on its own
+        # image's foreground: φST over the fixed image, φTS over the affinely aligned moving one
+        folding_forward = folding_on_model_grid(d_st, geometry, foreground_mask(None, normalized=normalize(fixed_on_model)))
+        folding_backward = folding_on_model_grid(d_ts, geometry, foreground_mask(None, normalized=normalize(moving_on_model)))
+    else:
+        # the full-resolution iterations changed the fields after the model grid: judge the written ones
+        folding_forward = folding_on_image_grid(forward, fixed_geometry, fixed_mask)
+        folding_backward = folding_on_image_grid(backward, moving_geometry, moving_mask)
     ice_mean, ice_p95 = inverse_consistency(forward, fixed_geometry, backward, moving_geometry, fixed_mask)
+    ice_moving_mean, ice_moving_p95 = inverse_consistency(backward, moving_geometry, forward, fixed_geometry,
+                                                          moving_mask)
     t_metrics = time.perf_counter() - t0
     report = {
         "device": device.type,
@@ -296,10 +331,16 @@ def register(
         "folding_percent_backward": folding_backward[0],
         "folding_percent_forward_foreground": folding_forward[1],
         "folding_percent_backward_foreground": folding_backward[1],
-        "folding_measured_on": "model grid",
+        "folding_measured_on": "model grid" if quality == "fast" else "image grids",
         "ice_mean_mm": ice_mean,
         "ice_p95_mm": ice_p95,
         "ice_sampled_every": ICE_STRIDE,
+        "ice_moving_mean_mm": ice_moving_mean,
+        "ice_moving_p95_mm": ice_moving_p95,
+        "quality": quality,
+        "seconds_fullres": round(t_fullres, 3),
+        "seconds_inverse": round(t_inverse, 3),
+        **inverse_stats.as_report(),
     }
     label_images = {}
     if fixed_seg is not None and moving_seg is not None:

@@ -28,6 +28,12 @@ def folding_on_model_grid(field_mm: torch.Tensor, geometry: Geometry, mask: np.n
     return folding_percent(det), folding_percent(det, mask) if mask is not None else folding_percent(det)
 
 
+def folding_on_image_grid(field: np.ndarray, geometry: Geometry, mask: np.ndarray | None = None) -> tuple[float, float]:
+    """:func:`folding_on_model_grid` for a (z, y, x, 3) LPS-mm field as written on an image grid."""
+    det = jacobian_determinant(field, geometry)
+    return folding_percent(det), folding_percent(det, mask) if mask is not None else folding_percent(det)
+
+
 def _strided(geometry: Geometry, stride: int) -> Geometry:
     """Every ``stride``-th voxel centre of ``geometry`` (from the first), as a grid."""
     size = tuple(len(range(0, n, stride)) for n in geometry.size)

@@ -133,7 +133,7 @@ def _register_inversenet(job, fixed_path, moving_path, timing):
         cpu0, t0 = _cpu_seconds(), time.perf_counter()
         result = register(fixed, moving, model, device=job.get("device", "cpu"), affine=None,
                           refine=int(job.get("refine", 0)), passes=job.get("passes"),
-                          precision=job.get("precision", "auto"))
+                          precision=job.get("precision", "auto"), quality=job.get("quality", "fast"))
         wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
         if not results:  # later calls only time themselves
             results.append(result)
@@ -264,6 +264,50 @@ def _register_ants(job, fixed_path, moving_path, timing):
     return None, None, forward_image, backward_image
 
 
+#: greedy (picsl-greedy) with the settings its documentation gives for brain MRI: NCC 2x2x2,
+#: 100x50x10 iterations at 4/2/1 mm, smoothing 1.5 and 0.5 voxels; no initial affine (the shared
+#: brains are affinely pre-aligned); the inverse field from greedy's own ``-oinv``
+DEFAULT_GREEDY = ["greedy=-n 100x50x10 -m NCC 2x2x2 -s 1.5vox 0.5vox"]
+
+
+def _register_greedy(job, fixed_path, moving_path, timing):
+    """``Greedy3D().execute("-d 3 -i F M -o fwd -oinv bwd <settings> -threads T")``: both fields
+    are ITK displacement fields on the fixed grid (fixed point -> moving point, and back); the
+    inverse serves as the moving-grid backward field only when both images share one grid."""
+    import shutil
+    import tempfile
+    import SimpleITK as sitk
+    from picsl_greedy import Greedy3D
+    from InverseRegLib.grid import Geometry
+
+    if Geometry.of(sitk.ReadImage(str(fixed_path))) != Geometry.of(sitk.ReadImage(str(moving_path))):
+        raise SystemExit("greedy: -oinv lives on the fixed grid; this benchmark needs pairs that share one grid")
+    timing["rss_before_mb"] = _rss_mb()
+    runs = []
+
+    def once():
+        tmp = tempfile.mkdtemp(prefix="greedy_", dir=job.get("tmp"))
+        forward_path, backward_path = str(Path(tmp) / "fwd.nii.gz"), str(Path(tmp) / "bwd.nii.gz")
+        command = (f"-d 3 -i {fixed_path} {moving_path} -o {forward_path} -oinv {backward_path} "
+                   f"{job['spec']} -threads {job['threads']}")
+        cpu0, t0 = _cpu_seconds(), time.perf_counter()
+        with open(os.devnull, "w") as quiet:
+            Greedy3D().execute(command, out=quiet, err=quiet)
+        call = time.perf_counter() - t0
+        fields = tuple(sitk.Cast(sitk.ReadImage(p), sitk.sitkVectorFloat64) for p in (forward_path, backward_path))
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not runs:
+            runs.append(fields)
+        return {"seconds_both_directions": call, "seconds_to_fields": call, "cpu_seconds": _cpu_seconds() - cpu0}
+
+    timing.update(once())
+    _repeat(job, once, timing)
+    import picsl_greedy
+    timing["greedy"] = {"version": getattr(picsl_greedy, "__version__", None), "command": job["spec"]}
+    forward_image, backward_image = runs[0]
+    return None, None, forward_image, backward_image
+
+
 def _register_identity(job, fixed_path, moving_path, timing):
     import numpy as np
     from InverseRegLib.fields import field_to_image
@@ -283,7 +327,7 @@ def run_worker(job: dict) -> int:
     kind = job["kind"]
     timing: dict = {}
     register_fn = {"inversenet": _register_inversenet, "voxelmorph": _register_voxelmorph,
-                   "ants": _register_ants, "identity": _register_identity}[kind]
+                   "ants": _register_ants, "greedy": _register_greedy, "identity": _register_identity}[kind]
     fixed, moving, forward, backward = register_fn(job, job["fixed"], job["moving"], timing)
     # reading, registering, fields in memory (the first call's, where _repeat measured it)
     timing.setdefault("peak_rss_mb", _rss_mb())
@@ -643,6 +687,11 @@ def main(argv=None) -> int:
     parser.add_argument("--ants", action="append", default=None,
                         help="NAME=TYPE[,key=value...] for ants.registration, repeatable (default: SyN with "
                              "antspyx's defaults and SyN with the CC metric, see DEFAULT_ANTS); 'none' to skip")
+    parser.add_argument("--greedy", action="append", default=None,
+                        help="NAME=SETTINGS for picsl-greedy (added to -d 3 -i F M -o ... -oinv ... -threads T), "
+                             "repeatable (default: its documented brain settings, see DEFAULT_GREEDY); 'none' to skip")
+    parser.add_argument("--quality", action="append", default=None, metavar="Q",
+                        help="add a row: the first InverseNet model with register(quality=Q) (best)")
     parser.add_argument("--refine", type=int, action="append", default=None, metavar="N",
                         help="add a row: the first InverseNet model with N steps of instance optimisation "
                              "(repeatable: one row per N)")
@@ -721,6 +770,10 @@ def main(argv=None) -> int:
         if steps <= 0:
             raise SystemExit(f"--refine needs a positive number of steps, got {steps}")
         methods.append((f"{first[0]} + refine {steps}", "inversenet", {**first[2], "refine": steps}))
+    for quality in args.quality or []:
+        if quality not in ("fast", "best"):
+            raise SystemExit(f"--quality needs fast or best, got {quality!r}")
+        methods.append((f"{first[0]}, quality {quality}", "inversenet", {**first[2], "quality": quality}))
     vxm_entries = args.vxm or ["/work/runs/voxelmorph_2mm/model.pt"]
     if vxm_entries != ["none"]:
         for name, path in _named(vxm_entries, "VoxelMorph"):
@@ -732,6 +785,11 @@ def main(argv=None) -> int:
         for entry in ants_entries:
             name, spec = entry.split("=", 1) if "=" in entry else (f"ANTs {entry}", entry)
             methods.append((name.strip(), "ants", {"spec": spec.strip()}))
+    greedy_entries = args.greedy or DEFAULT_GREEDY
+    if greedy_entries != ["none"]:
+        for entry in greedy_entries:
+            name, spec = entry.split("=", 1) if "=" in entry else ("greedy", entry)
+            methods.append((name.strip(), "greedy", {"spec": spec.strip()}))
     reference = next((name for name, kind, extra in methods
                       if kind == "ants" and _parse_ants_spec(extra["spec"]) == {"type_of_transform": "SyN"}), None)
 

@@ -85,8 +85,10 @@ def test_register_small_pair_with_both_presets(small_pair, preset):
     if preset == "default":  # inverse by construction, diffeomorphic
         assert report["ice_mean_mm"] < 0.1
         assert report["folding_percent_forward"] == 0.0 and report["folding_percent_backward"] == 0.0
-    else:  # two independent untrained decoders: not inverse, and the ICE measure sees it
-        assert report["ice_mean_mm"] > 0.3
+    # two independent untrained decoders ("paper") are not inverse to each other, but the written
+    # backward field is made the inverse of the forward one either way (InverseRegLib.inverse); to
+    # precision where the forward field is fold-free, closely where the untrained "paper" one folds
+    assert report["ice_moving_mean_mm"] < (2e-3 if preset == "default" else 0.05)
 
 
 @pytest.mark.parametrize("which", ["moving", "fixed"])

@@ -1,0 +1,221 @@
+"""``--quality best``: greedy-like optimisation at the input's full resolution, warm-started by the network.
+
+The network's forward field (on the fixed grid, affine included) replaces the coarse levels of a
+classic multi-resolution optimiser; what is left is the part a 2 mm network cannot see. Each
+iteration, as greedy (Yushkevich et al.) and ANTs SyN do it:
+
+1. warp the moving image by the current field ``f`` (trilinear);
+2. local NCC between the fixed image and the warped one in a ``(2 r + 1)^3`` window (box sums,
+   separable) and its pointwise gradient with respect to the warped intensity, times the warped
+   image's gradient: the force ``g(x)``, in LPS mm;
+3. ``g`` smoothed by a Gaussian of ``sigma_update`` voxels, scaled so that its 99.9th percentile
+   displacement is ``step`` voxels (and clipped there), composed with ``f``; then ``f`` smoothed
+   by a Gaussian of ``sigma_field`` voxels (greedy's ``-s 1.5vox 0.5vox``: fluid and elastic
+   regularisation).
+
+Levels: the first levels run on grids ``2^k`` times coarser (images Gaussian-smoothed and
+resampled, the field resampled), and hand their *update* upsampled to the next; the last runs on
+the fixed image's own grid. The backward field is then the exact inverse of the result
+(:mod:`InverseRegLib.inverse`).
+
+Arrays: images (z, y, x) float32; fields (z, y, x, 3) LPS mm, components (x, y, z).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .errors import InverseRegError
+from .fields import _times_transpose, _to_normalized, index_affine, resample_field
+from .grid import Geometry
+from .intensity import normalize
+
+
+@dataclass(frozen=True)
+class FullResSettings:
+    """What ``--quality best`` runs; chosen on training pairs (see the model card)."""
+    iterations: tuple[int, ...] = (20, 10)  # per level, coarsest first; the last level is full resolution
+    radius: int = 2  # NCC window (2 r + 1)^3 voxels (greedy's -m NCC 2x2x2)
+    sigma_update: float = 1.5  # Gaussian on each update, voxels of the level's grid
+    sigma_field: float = 0.5  # Gaussian on the whole field after each update
+    step: float = 0.5  # largest displacement of one update, voxels of the level's grid
+
+    def __post_init__(self):
+        if not self.iterations or any(not isinstance(n, int) or n < 0 for n in self.iterations):
+            raise InverseRegError(f"iterations per level must be whole numbers >= 0, got {self.iterations!r}")
+        if self.radius < 1 or self.sigma_update < 0 or self.sigma_field < 0 or not self.step > 0:
+            raise InverseRegError(f"invalid full-resolution settings: {self}")
+
+
+DEFAULT_SETTINGS = FullResSettings()
+
+Progress = Callable[[float, str], None]
+
+
+def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian (``sigma`` voxels, 3 sigma radius, edges replicated) of (1, C, D, H, W).
+    Written as shifted multiply-adds: on a CPU several times faster than a depthwise conv3d."""
+    if sigma <= 0:
+        return volume
+    radius = max(1, int(np.ceil(3.0 * sigma)))
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    kernel = np.exp(-t ** 2 / (2.0 * sigma ** 2))
+    kernel = kernel / kernel.sum()
+    out = volume
+    for dim in (2, 3, 4):
+        n = out.shape[dim]
+        edge = [radius if d == dim else -1 for d in range(5)]
+        padded = torch.cat([out.narrow(dim, 0, 1).expand(*edge), out, out.narrow(dim, n - 1, 1).expand(*edge)], dim)
+        acc = padded.narrow(dim, 0, n) * float(kernel[0])
+        for shift in range(1, 2 * radius + 1):
+            acc.add_(padded.narrow(dim, shift, n), alpha=float(kernel[shift]))
+        out = acc
+    return out
+
+
+def _box_mean(volume: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over the (2 r + 1)^3 window around each voxel (separable; shrinks at the faces)."""
+    w = 2 * radius + 1
+    out = volume
+    for kernel, padding in (((w, 1, 1), (radius, 0, 0)), ((1, w, 1), (0, radius, 0)), ((1, 1, w), (0, 0, radius))):
+        out = F.avg_pool3d(out, kernel, stride=1, padding=padding, count_include_pad=False)
+    return out
+
+
+def _index_gradient(volume: torch.Tensor) -> torch.Tensor:
+    """Central differences of (1, 1, D, H, W) along index x, y, z; -> (1, 3, D, H, W)."""
+    return torch.cat([torch.gradient(volume, dim=dim)[0] for dim in (4, 3, 2)], dim=1)
+
+
+def _coarse_geometry(geometry: Geometry, factor: int) -> Geometry:
+    """The grid ``factor`` times coarser covering the same box (voxel centres re-centred)."""
+    size = tuple(max(1, int(round(n / factor))) for n in geometry.size)
+    spacing = tuple(s * n / m for s, n, m in zip(geometry.spacing, geometry.size, size))
+    matrix = geometry.direction_matrix
+    # keep the physical extent's corner: origin shifts by half a fine voxel minus half a coarse one
+    shift = matrix @ ((np.asarray(spacing) - np.asarray(geometry.spacing)) / 2.0)
+    return Geometry(size, spacing, tuple(np.asarray(geometry.origin) + shift), geometry.direction)
+
+
+def _downsample(image: sitk.Image, factor: int) -> sitk.Image:
+    if factor == 1:
+        return image
+    geometry = _coarse_geometry(Geometry.of(image), factor)
+    smoothed = sitk.SmoothingRecursiveGaussian(image, [0.5 * factor * s for s in image.GetSpacing()])
+    return sitk.Resample(smoothed, geometry.reference_image(), sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+
+
+def _optimise_level(fixed: sitk.Image, moving: sitk.Image, field: torch.Tensor, iterations: int,
+                    settings: FullResSettings, report: Callable[[int], None], cancel) -> torch.Tensor:
+    """``iterations`` greedy updates of ``field`` (z, y, x, 3) on ``fixed``'s grid; returns it.
+
+    Each update is composed, not added: ``φ ← φ ∘ (id + u)``, i.e. ``f(x) ← u(x) + f(x + u(x))``.
+    Its Jacobian is ``Jφ(x + u) (I + ∇u)``, positive wherever φ's is, since ``u`` is a smoothed
+    step of at most ``step`` voxels: the network's fold-free field stays fold-free (an additive
+    update folds where the network's field compresses strongly)."""
+    fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
+    i = torch.from_numpy(normalize(sitk.GetArrayFromImage(fixed)).astype(np.float32))[None, None]
+    m = torch.from_numpy(normalize(sitk.GetArrayFromImage(moving)).astype(np.float32))[None, None]
+    k_moving = _to_normalized(moving_geometry)
+    base_moving = index_affine(fixed_geometry, k_moving @ fixed_geometry.index_to_physical,
+                               k_moving @ (np.asarray(fixed_geometry.origin) - np.asarray(moving_geometry.origin)) - 1.0)
+    k_fixed = _to_normalized(fixed_geometry)
+    # the fixed grid's own voxels in its grid_sample coordinates: K M i - 1
+    base_fixed = index_affine(fixed_geometry, k_fixed @ fixed_geometry.index_to_physical, -np.ones(3))
+    to_physical = np.linalg.inv(fixed_geometry.index_to_physical).T  # ∇_p = M^-T ∇_index
+    r = settings.radius
+    i_mean = _box_mean(i, r)
+    i_centred = i - i_mean
+    i_var = (_box_mean(i * i, r) - i_mean * i_mean).clamp_(min=0.0)
+    step_mm = settings.step * min(fixed_geometry.spacing)
+    eps = 1e-4  # variances of [0, 1] images are ~1e-2 in the brain; keeps the background quiet
+    for it in range(iterations):
+        if cancel is not None and cancel():
+            from .pipeline import Cancelled
+            raise Cancelled(f"registration cancelled during full-resolution iteration {it + 1}")
+        grid = base_moving + _times_transpose(field, k_moving)
+        j = F.grid_sample(m, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+        del grid
+        means = _box_mean(torch.cat([j, j * j, i * j], dim=1), r)
+        j_mean = means[:, :1]
+        j_var = (means[:, 1:2] - j_mean * j_mean).clamp_(min=0.0)
+        cross = means[:, 2:3] - i_mean * j_mean
+        del means
+        # d(local NCC)/dJ, pointwise (the approximation ANTs' and greedy's CC metrics use), times
+        # the warped image's gradient on the fixed grid: the force on x in x -> x + u
+        d_j = 2.0 * cross / (i_var * j_var + eps) * (i_centred - cross / (j_var + eps) * (j - j_mean))
+        force = d_j * _index_gradient(j)
+        del d_j, j, cross, j_var, j_mean
+        force = gaussian_smooth(force, settings.sigma_update)[0].permute(1, 2, 3, 0)
+        force = _times_transpose(force, to_physical)  # -> LPS mm
+        norm = torch.linalg.vector_norm(force, dim=-1)
+        # scale by a high percentile, not the maximum, then clip: a few spikes (image edges) would
+        # otherwise set the step for the whole brain
+        sample = norm.reshape(-1)[::7]
+        largest = float(torch.kthvalue(sample, max(1, int(0.999 * sample.numel()))).values)
+        if largest > 0:
+            scale = (step_mm / largest) * torch.clamp(largest / norm.clamp(min=1e-12), max=1.0)
+            update = force * scale.unsqueeze(-1)
+            # f(x) <- u(x) + f(x + u(x))
+            moved = F.grid_sample(field.permute(3, 0, 1, 2)[None], (base_fixed + _times_transpose(update, k_fixed))[None],
+                                  mode="bilinear", padding_mode="border", align_corners=True)
+            field = update + moved[0].permute(1, 2, 3, 0)
+        field = gaussian_smooth(field.permute(3, 0, 1, 2)[None], settings.sigma_field)[0].permute(1, 2, 3, 0).contiguous()
+        report(it + 1)
+    return field
+
+
+def optimise_fullres(fixed: sitk.Image, moving: sitk.Image, forward: np.ndarray,
+                     settings: FullResSettings = DEFAULT_SETTINGS, progress: Progress | None = None,
+                     cancel=None) -> np.ndarray:
+    """Improve the forward field (z, y, x, 3, LPS mm, on ``fixed``'s grid, fixed point -> moving
+    point, affine included) by greedy-like NCC iterations; returns the new field (float32)."""
+    full = torch.as_tensor(forward, dtype=torch.float32).clone()
+    # work on the fixed image's foreground box (+ margin): the background's force is zero anyway
+    (z0, z1), (y0, y1), (x0, x1) = _foreground_box(fixed, margin=6)
+    fixed = fixed[x0:x1, y0:y1, z0:z1]
+    fixed_geometry = Geometry.of(fixed)
+    field = full[z0:z1, y0:y1, x0:x1].contiguous()
+    levels = len(settings.iterations)
+    total = max(1, sum(settings.iterations))
+    done = [0]
+
+    def report(_: int) -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0] / total, f"full-resolution iteration {done[0]} of {total}")
+
+    for level, iterations in enumerate(settings.iterations):
+        if iterations == 0:
+            continue
+        factor = 2 ** (levels - 1 - level)
+        if factor == 1:
+            field = _optimise_level(fixed, moving, field, iterations, settings, report, cancel)
+            continue
+        coarse_fixed, coarse_moving = _downsample(fixed, factor), _downsample(moving, factor)
+        coarse_geometry = Geometry.of(coarse_fixed)
+        volume = field.permute(3, 0, 1, 2)[None]
+        start = torch.from_numpy(resample_field(volume, fixed_geometry, coarse_geometry).astype(np.float32))
+        result = _optimise_level(coarse_fixed, coarse_moving, start.clone(), iterations, settings, report, cancel)
+        update = (result - start).permute(3, 0, 1, 2)[None].contiguous()
+        field = field + torch.from_numpy(resample_field(update, coarse_geometry, fixed_geometry).astype(np.float32))
+    full[z0:z1, y0:y1, x0:x1] = field
+    return full.numpy()
+
+
+def _foreground_box(image: sitk.Image, margin: int, threshold: float = 0.05) -> tuple[tuple[int, int], ...]:
+    """(start, stop) per array axis (z, y, x) of the voxels above ``threshold`` of the normalised
+    range, grown by ``margin`` voxels; the whole grid when nothing is above it."""
+    mask = normalize(sitk.GetArrayViewFromImage(image)) > threshold
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(mask.any(axis=other))
+        n = mask.shape[axis]
+        box.append((0, n) if hit.size == 0 else (max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)))
+    return tuple(box)
