@@ -554,7 +554,8 @@ class RegisteredSceneTests(unittest.TestCase):
                                      sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
             a, b = sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected)
             self.assertTrue(set(np.unique(a)) <= {0, 1, 2})  # no new label values
-            self.assertGreater(np.mean(a == b), 0.97, field_file)
+            self.assertGreater(np.mean(a == b), 0.98, field_file)
+            print(f"carried through {field_file}: {np.mean(a == b):.4f} of voxels as SimpleITK's nearest neighbour")
             self.assertGreater(np.count_nonzero(a == 2), 0.5 * np.count_nonzero(b == 2))
         # a segmentation drawn on the moving volume (as Segment Editor references it)
         segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "atlas")
@@ -633,6 +634,7 @@ class RegisteredSceneTests(unittest.TestCase):
                                float(np.linalg.norm(self._positions(moved) - self._positions(on_fixed), axis=1).max()),
                                delta=1e-6)
         line = registration_error_sentence(summary)
+        print(line)
         self.assertIn("12 point pairs", line)
         self.assertIn(f"{summary['moving_to_fixed']['mean_mm']:.2f} mm mean", line)
         counts = node_counts(self.scene)
