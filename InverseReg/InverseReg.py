@@ -260,11 +260,13 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- after registration ------------------------------------------------------------------
     def onCarry(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not carry it to the other volume.", waitCursor=True):
-            self._say([self.logic.carryToOtherVolume(self._parameterNode)])
+            self._say(self.logic.carryToOtherVolume(self._parameterNode))
+            self._syncDirectionSwitch()
 
     def onMovePoints(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not move the points.", waitCursor=True):
-            self._say([self.logic.carryMarkups(self._parameterNode)])
+            self._say(self.logic.carryMarkups(self._parameterNode))
+            self._syncDirectionSwitch()
 
     def onPointError(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not measure the point error.", waitCursor=True):
@@ -273,10 +275,13 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onShowJacobian(self) -> None:
         with slicer.util.tryWithErrorDisplay("Could not show the Jacobian determinant.", waitCursor=True):
             self._say(self.logic.showJacobian(self._parameterNode))
-            # the views now show that direction: the switch says so without switching again
-            wasBlocked = self.ui.backwardViewCheckBox.blockSignals(True)
-            self.ui.backwardViewCheckBox.checked = bool(self._parameterNode.jacobianBackward)
-            self.ui.backwardViewCheckBox.blockSignals(wasBlocked)
+            self._syncDirectionSwitch()
+
+    def _syncDirectionSwitch(self) -> None:
+        """The views may now show the other direction: the switch says so without switching again."""
+        wasBlocked = self.ui.backwardViewCheckBox.blockSignals(True)
+        self.ui.backwardViewCheckBox.checked = not self.logic.forwardShown
+        self.ui.backwardViewCheckBox.blockSignals(wasBlocked)
 
     def _say(self, messages: list) -> None:
         if messages:
@@ -295,6 +300,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         self.worker = None  # the persistent registration process (InverseRegScene.runner.RegistrationWorker)
         self.lastOutputDir = None  # the folder of the result in the scene
         self.comparisonMode = "difference"
+        self.forwardShown = True  # which direction the slice views show (the panel's switch follows)
 
     def getParameterNode(self):
         return InverseRegParameterNode(super().getParameterNode())
@@ -417,6 +423,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         self.lastOutputDir = outputDir
         messages = show_direction(slicer.mrmlScene, parameters.fixedVolume, parameters.movingVolume,
                                   forward, backward, forward=True)
+        self.forwardShown = True
         return report, messages
 
     def releaseOutputs(self) -> None:
@@ -430,6 +437,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         messages = show_comparison(slicer.mrmlScene, parameters.fixedVolume, parameters.movingVolume,
                                    parameters.forwardTransform, parameters.backwardTransform, mode, forward)
         self.comparisonMode = mode
+        self.forwardShown = forward
         return messages
 
     def restoreUserTransforms(self, parameters) -> list:
@@ -437,22 +445,33 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         return restore_user_transforms(slicer.mrmlScene, [parameters.fixedVolume, parameters.movingVolume])
 
     # --- after registration (InverseRegScene.carry) ---------------------------------------------
-    def carryToOtherVolume(self, parameters) -> str:
-        """Carry ``carrySource`` (a segmentation or label map on either volume) onto the other volume."""
+    def carryToOtherVolume(self, parameters) -> list:
+        """Carry ``carrySource`` (a segmentation or label map on either volume) onto the other
+        volume and show it there; returns messages."""
         from InverseRegScene.carry import carry_to_other_volume
         carried, onto = carry_to_other_volume(slicer.mrmlScene, parameters.carrySource, parameters.fixedVolume,
                                               parameters.movingVolume, parameters.forwardTransform,
                                               parameters.backwardTransform)
-        return f"'{carried.GetName()}' is on '{onto.GetName()}'."
+        return [f"'{carried.GetName()}' is on '{onto.GetName()}'."] + self._showOn(parameters, carried, onto)
 
-    def carryMarkups(self, parameters) -> str:
-        """Move ``pointsToMove`` (placed on the volume ``pointsOn`` names) onto the other volume."""
+    def carryMarkups(self, parameters) -> list:
+        """Move ``pointsToMove`` (placed on the volume ``pointsOn`` names) onto the other volume
+        and show them there; returns messages."""
         from InverseRegScene.carry import carry_markups_between
-        source = parameters.fixedVolume if parameters.pointsOn == "fixed" else parameters.movingVolume
+        source, onto = ((parameters.fixedVolume, parameters.movingVolume) if parameters.pointsOn == "fixed"
+                        else (parameters.movingVolume, parameters.fixedVolume))
         moved = carry_markups_between(slicer.mrmlScene, parameters.pointsToMove, source, parameters.fixedVolume,
                                       parameters.movingVolume, parameters.forwardTransform,
                                       parameters.backwardTransform)
-        return f"{moved.GetNumberOfControlPoints()} point(s) moved: '{moved.GetName()}'."
+        return ([f"{moved.GetNumberOfControlPoints()} point(s) moved: '{moved.GetName()}'."]
+                + self._showOn(parameters, moved, onto))
+
+    def _showOn(self, parameters, node, onto) -> list:
+        from InverseRegScene.carry import show_on_volume
+        messages = show_on_volume(slicer.mrmlScene, node, onto, parameters.fixedVolume, parameters.movingVolume,
+                                  parameters.forwardTransform, parameters.backwardTransform)
+        self.forwardShown = onto == parameters.fixedVolume
+        return messages
 
     def markupsError(self, parameters) -> str:
         """The target registration error line for ``fixedPoints`` and ``movingPoints``."""
@@ -467,6 +486,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
                                     parameters.forwardTransform, parameters.backwardTransform,
                                     backward_direction=bool(parameters.jacobianBackward),
                                     log=bool(parameters.jacobianLog))
+        self.forwardShown = not parameters.jacobianBackward
         return messages
 
     @staticmethod

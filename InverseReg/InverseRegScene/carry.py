@@ -355,6 +355,21 @@ def carry_to_other_volume(scene, node, fixed_volume, moving_volume, forward, bac
     raise InverseRegError(f"{node.GetName()!r} is neither a segmentation nor a label map volume")
 
 
+def show_on_volume(scene, node, target_volume, fixed_volume, moving_volume, forward, backward) -> list:
+    """Show a carried node where it lies: the volumes placed for the direction in which
+    ``target_volume`` is untransformed (the fixed volume: forward; the moving one: backward),
+    ``target_volume`` the background of every slice view, and a label map node its label layer
+    (segmentations and markups show themselves). Returns :func:`views.show_direction`'s messages."""
+    from .views import set_slice_layers, show_direction
+    messages = show_direction(scene, fixed_volume, moving_volume, forward, backward,
+                              forward=target_volume.GetID() == fixed_volume.GetID())
+    set_slice_layers(scene, target_volume)
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode").SetLabelVolumeID(node.GetID())
+    return messages
+
+
 def carry_markups_between(scene, markups_node, source_volume, fixed_volume, moving_volume, forward, backward):
     """The panel's "Move points": fiducials placed on ``source_volume`` (the fixed or the moving
     volume, shown untransformed: the fixed one in the forward view, the moving one in the

@@ -537,7 +537,7 @@ class RegisteredSceneTests(unittest.TestCase):
         volume on the moving grid through backward.nii.gz; a segmentation goes by the volume it
         references; one on a third volume's grid is refused and adds nothing."""
         from InverseRegLib.errors import InverseRegError
-        from .carry import carry_to_other_volume, volume_to_image
+        from .carry import carry_to_other_volume, show_on_volume, volume_to_image
         for source, target, field_file in ((self.moving, self.fixed, "forward.nii.gz"),
                                            (self.fixed, self.moving, "backward.nii.gz")):
             labels, label_image = self._labels_on(source, f"labels on {source.GetName()}")
@@ -557,6 +557,14 @@ class RegisteredSceneTests(unittest.TestCase):
             self.assertGreater(np.mean(a == b), 0.98, field_file)
             print(f"carried through {field_file}: {np.mean(a == b):.4f} of voxels as SimpleITK's nearest neighbour")
             self.assertGreater(np.count_nonzero(a == 2), 0.5 * np.count_nonzero(b == 2))
+            # shown where it lies: over its volume, which the chosen direction leaves untransformed
+            composite = self.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") if not self.scene.GetNumberOfNodesByClass(
+                "vtkMRMLSliceCompositeNode") else self.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+            show_on_volume(self.scene, carried, onto, self.fixed, self.moving, self.forward, self.backward)
+            self.assertEqual((composite.GetBackgroundVolumeID(), composite.GetLabelVolumeID()),
+                             (target.GetID(), carried.GetID()))
+            self.assertIsNone(target.GetTransformNodeID())
+            self.assertEqual(source.GetTransformNodeID(), (self.forward if target is self.fixed else self.backward).GetID())
         # a segmentation drawn on the moving volume (as Segment Editor references it)
         segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "atlas")
         segmentation.SetReferenceImageGeometryParameterFromVolumeNode(self.moving)
