@@ -470,7 +470,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         from InverseRegScene.carry import show_on_volume
         messages = show_on_volume(slicer.mrmlScene, node, onto, parameters.fixedVolume, parameters.movingVolume,
                                   parameters.forwardTransform, parameters.backwardTransform)
-        self.forwardShown = onto == parameters.fixedVolume
+        self.forwardShown = onto.GetID() == parameters.fixedVolume.GetID()
         return messages
 
     def markupsError(self, parameters) -> str:
