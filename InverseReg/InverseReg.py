@@ -7,12 +7,13 @@ missing PyTorch cannot break Slicer's start-up or this module's GUI.
 """
 import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union
 
 import qt
 import slicer
 import vtk
-from slicer import vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRMLScalarVolumeNode
+from slicer import (vtkMRMLGridTransformNode, vtkMRMLLabelMapVolumeNode, vtkMRMLMarkupsFiducialNode,
+                    vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode)
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
@@ -74,6 +75,14 @@ class InverseRegParameterNode:
     backwardTransform: vtkMRMLGridTransformNode
     fixedLabels: vtkMRMLLabelMapVolumeNode
     movingLabels: vtkMRMLLabelMapVolumeNode
+    # after registration (saved with the scene, so a reloaded scene offers the same choices)
+    carrySource: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode, None]
+    pointsToMove: vtkMRMLMarkupsFiducialNode
+    pointsOn: Annotated[str, Choice(["fixed", "moving"])] = "fixed"
+    fixedPoints: vtkMRMLMarkupsFiducialNode
+    movingPoints: vtkMRMLMarkupsFiducialNode
+    jacobianBackward: bool = False
+    jacobianLog: bool = False
 
 
 class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -94,7 +103,8 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         for combo, items in ((self.ui.affineComboBox, ["affine", "rigid", "none"]),
                              (self.ui.qualityComboBox, ["fast", "best"]),
-                             (self.ui.deviceComboBox, ["auto", "cuda", "cpu"])):
+                             (self.ui.deviceComboBox, ["auto", "cuda", "cpu"]),
+                             (self.ui.pointsOnComboBox, ["fixed", "moving"])):
             combo.clear()
             combo.addItems(items)
         self.logic = InverseRegLogic()
@@ -109,6 +119,10 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.blendButton.connect("clicked()", lambda: self.onComparison("blend"))
         self.ui.checkerboardButton.connect("clicked()", lambda: self.onComparison("checkerboard"))
         self.ui.backwardViewCheckBox.connect("toggled(bool)", self.onDirectionToggled)
+        self.ui.carryButton.connect("clicked()", self.onCarry)
+        self.ui.movePointsButton.connect("clicked()", self.onMovePoints)
+        self.ui.pointErrorButton.connect("clicked()", self.onPointError)
+        self.ui.jacobianButton.connect("clicked()", self.onShowJacobian)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -243,6 +257,32 @@ class InverseRegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Could not restore the transforms.", waitCursor=True):
             self._say(self.logic.restoreUserTransforms(self._parameterNode) or ["The volumes are as you had them."])
 
+    # --- after registration ------------------------------------------------------------------
+    def onCarry(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not carry it to the other volume.", waitCursor=True):
+            self._say(self.logic.carryToOtherVolume(self._parameterNode))
+            self._syncDirectionSwitch()
+
+    def onMovePoints(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not move the points.", waitCursor=True):
+            self._say(self.logic.carryMarkups(self._parameterNode))
+            self._syncDirectionSwitch()
+
+    def onPointError(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not measure the point error.", waitCursor=True):
+            self.ui.pointErrorLabel.text = self.logic.markupsError(self._parameterNode)
+
+    def onShowJacobian(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not show the Jacobian determinant.", waitCursor=True):
+            self._say(self.logic.showJacobian(self._parameterNode))
+            self._syncDirectionSwitch()
+
+    def _syncDirectionSwitch(self) -> None:
+        """The views may now show the other direction: the switch says so without switching again."""
+        wasBlocked = self.ui.backwardViewCheckBox.blockSignals(True)
+        self.ui.backwardViewCheckBox.checked = not self.logic.forwardShown
+        self.ui.backwardViewCheckBox.blockSignals(wasBlocked)
+
     def _say(self, messages: list) -> None:
         if messages:
             self.ui.statusLabel.text = " ".join(messages)
@@ -260,6 +300,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         self.worker = None  # the persistent registration process (InverseRegScene.runner.RegistrationWorker)
         self.lastOutputDir = None  # the folder of the result in the scene
         self.comparisonMode = "difference"
+        self.forwardShown = True  # which direction the slice views show (the panel's switch follows)
 
     def getParameterNode(self):
         return InverseRegParameterNode(super().getParameterNode())
@@ -382,6 +423,7 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         self.lastOutputDir = outputDir
         messages = show_direction(slicer.mrmlScene, parameters.fixedVolume, parameters.movingVolume,
                                   forward, backward, forward=True)
+        self.forwardShown = True
         return report, messages
 
     def releaseOutputs(self) -> None:
@@ -395,11 +437,57 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         messages = show_comparison(slicer.mrmlScene, parameters.fixedVolume, parameters.movingVolume,
                                    parameters.forwardTransform, parameters.backwardTransform, mode, forward)
         self.comparisonMode = mode
+        self.forwardShown = forward
         return messages
 
     def restoreUserTransforms(self, parameters) -> list:
         from InverseRegScene.views import restore_user_transforms
         return restore_user_transforms(slicer.mrmlScene, [parameters.fixedVolume, parameters.movingVolume])
+
+    # --- after registration (InverseRegScene.carry) ---------------------------------------------
+    def carryToOtherVolume(self, parameters) -> list:
+        """Carry ``carrySource`` (a segmentation or label map on either volume) onto the other
+        volume and show it there; returns messages."""
+        from InverseRegScene.carry import carry_to_other_volume
+        carried, onto = carry_to_other_volume(slicer.mrmlScene, parameters.carrySource, parameters.fixedVolume,
+                                              parameters.movingVolume, parameters.forwardTransform,
+                                              parameters.backwardTransform)
+        return [f"'{carried.GetName()}' is on '{onto.GetName()}'."] + self._showOn(parameters, carried, onto)
+
+    def carryMarkups(self, parameters) -> list:
+        """Move ``pointsToMove`` (placed on the volume ``pointsOn`` names) onto the other volume
+        and show them there; returns messages."""
+        from InverseRegScene.carry import carry_markups_between
+        source, onto = ((parameters.fixedVolume, parameters.movingVolume) if parameters.pointsOn == "fixed"
+                        else (parameters.movingVolume, parameters.fixedVolume))
+        moved = carry_markups_between(slicer.mrmlScene, parameters.pointsToMove, source, parameters.fixedVolume,
+                                      parameters.movingVolume, parameters.forwardTransform,
+                                      parameters.backwardTransform)
+        return ([f"{moved.GetNumberOfControlPoints()} point(s) moved: '{moved.GetName()}'."]
+                + self._showOn(parameters, moved, onto))
+
+    def _showOn(self, parameters, node, onto) -> list:
+        from InverseRegScene.carry import show_on_volume
+        messages = show_on_volume(slicer.mrmlScene, node, onto, parameters.fixedVolume, parameters.movingVolume,
+                                  parameters.forwardTransform, parameters.backwardTransform)
+        self.forwardShown = onto.GetID() == parameters.fixedVolume.GetID()
+        return messages
+
+    def markupsError(self, parameters) -> str:
+        """The target registration error line for ``fixedPoints`` and ``movingPoints``."""
+        from InverseRegScene.carry import markups_registration_error, registration_error_sentence
+        return registration_error_sentence(markups_registration_error(
+            parameters.fixedPoints, parameters.movingPoints, parameters.forwardTransform, parameters.backwardTransform))
+
+    def showJacobian(self, parameters) -> list:
+        """Overlay det J of the forward (or, with ``jacobianBackward``, backward) field; returns messages."""
+        from InverseRegScene.carry import show_jacobian
+        _, messages = show_jacobian(slicer.mrmlScene, parameters.fixedVolume, parameters.movingVolume,
+                                    parameters.forwardTransform, parameters.backwardTransform,
+                                    backward_direction=bool(parameters.jacobianBackward),
+                                    log=bool(parameters.jacobianLog))
+        self.forwardShown = not parameters.jacobianBackward
+        return messages
 
     @staticmethod
     def summaryText(report: dict) -> str:

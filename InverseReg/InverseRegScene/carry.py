@@ -29,6 +29,8 @@ from InverseRegLib.jacobian import jacobian_image
 from InverseRegLib.labels import grid_mismatch, warp_labels
 from InverseRegLib.points import transform_points
 
+from .views import JACOBIAN  # the role of the module's Jacobian volume (a new registration removes it)
+
 _FLIP = np.array([-1.0, -1.0, 1.0])  # RAS <-> LPS
 
 
@@ -242,9 +244,19 @@ def carry_markups(scene, markups_node, field, name: str | None = None):
     labels kept. World positions are read, so a markups node under a transform is moved from
     where it is shown."""
     field = as_field(field)
-    count = markups_node.GetNumberOfControlPoints()
+    ras, labels = placed_points(markups_node)
+    moved = transform_points(ras * _FLIP, field, labels, "the field's grid") * _FLIP
+    result = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name or f"{markups_node.GetName()} moved")
+    for position, label in zip(moved, labels):
+        result.AddControlPoint(float(position[0]), float(position[1]), float(position[2]), label)
+    return result
+
+
+def placed_points(markups_node) -> tuple[np.ndarray, list[str]]:
+    """World RAS positions (N, 3) and labels of a markups node's placed control points (those
+    still being placed or skipped are left out); refused with one line when there are none."""
     slicer = _slicer()
-    defined = [i for i in range(count)
+    defined = [i for i in range(markups_node.GetNumberOfControlPoints())
                if markups_node.GetNthControlPointPositionStatus(i) == slicer.vtkMRMLMarkupsNode.PositionDefined]
     if not defined:
         raise InverseRegError(f"markups {markups_node.GetName()!r} has no placed points")
@@ -253,12 +265,7 @@ def carry_markups(scene, markups_node, field, name: str | None = None):
         position = [0.0, 0.0, 0.0]
         markups_node.GetNthControlPointPositionWorld(i, position)
         ras[row] = position
-    labels = [markups_node.GetNthControlPointLabel(i) for i in defined]
-    moved = transform_points(ras * _FLIP, field, labels, "the field's grid") * _FLIP
-    result = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name or f"{markups_node.GetName()} moved")
-    for position, label in zip(moved, labels):
-        result.AddControlPoint(float(position[0]), float(position[1]), float(position[2]), label)
-    return result
+    return ras, [markups_node.GetNthControlPointLabel(i) for i in defined]
 
 
 # --- Jacobian determinant volumes ---------------------------------------------------------------
@@ -318,3 +325,115 @@ def overlay_jacobian(scene, jacobian_node, background_volume, opacity: float = 0
         composite.SetForegroundVolumeID(jacobian_node.GetID())
         composite.SetForegroundOpacity(opacity)
     return count
+
+
+# --- what the panel's "After registration" section calls -------------------------------------------
+
+def _require_result(forward, backward) -> None:
+    if forward is None or backward is None:
+        raise InverseRegError("Register first: there are no forward and backward transforms yet.")
+
+
+def carry_to_other_volume(scene, node, fixed_volume, moving_volume, forward, backward, method: str = "linear"):
+    """The panel's "Carry to the other volume": a segmentation node or a label map volume drawn on
+    either volume goes onto the other one (a segmentation by the volume it names as its reference
+    geometry, a label map by its grid; see :func:`carry_segmentation`,
+    :func:`carry_label_map_between`). Returns ``(new node, the volume it is on)``; one on a third
+    volume's grid, an empty one or anything else is refused with one line and adds nothing."""
+    _require_result(forward, backward)
+    if node is None:
+        raise InverseRegError("Select a segmentation or a label map to carry.")
+    if node.IsA("vtkMRMLSegmentationNode"):
+        carried = carry_segmentation(scene, node, None, fixed_volume, moving_volume, forward, backward, method)
+        source = node.GetNodeReference(node.GetReferenceImageGeometryReferenceRole())
+        return carried, (fixed_volume if source.GetID() == moving_volume.GetID() else moving_volume)
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        # as carry_label_map_between chooses: a label map on the moving grid goes onto the fixed volume
+        on_moving = grid_mismatch(volume_geometry(node), volume_geometry(moving_volume)) is None
+        carried = carry_label_map_between(scene, node, fixed_volume, moving_volume, forward, backward, method)
+        return carried, (fixed_volume if on_moving else moving_volume)
+    raise InverseRegError(f"{node.GetName()!r} is neither a segmentation nor a label map volume")
+
+
+def show_on_volume(scene, node, target_volume, fixed_volume, moving_volume, forward, backward) -> list:
+    """Show a carried node where it lies: the volumes placed for the direction in which
+    ``target_volume`` is untransformed (the fixed volume: forward; the moving one: backward),
+    ``target_volume`` the background of every slice view, and a label map node its label layer
+    (segmentations and markups show themselves). Returns :func:`views.show_direction`'s messages."""
+    from .views import set_slice_layers, show_direction
+    messages = show_direction(scene, fixed_volume, moving_volume, forward, backward,
+                              forward=target_volume.GetID() == fixed_volume.GetID())
+    set_slice_layers(scene, target_volume)
+    if node.IsA("vtkMRMLLabelMapVolumeNode"):
+        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode").SetLabelVolumeID(node.GetID())
+    return messages
+
+
+def carry_markups_between(scene, markups_node, source_volume, fixed_volume, moving_volume, forward, backward):
+    """The panel's "Move points": fiducials placed on ``source_volume`` (the fixed or the moving
+    volume, shown untransformed: the fixed one in the forward view, the moving one in the
+    backward view) moved onto the other one through the other field (fixed points through
+    forward, moving points through backward); returns the new markups node."""
+    _require_result(forward, backward)
+    if markups_node is None:
+        raise InverseRegError("Select a markups point list to move.")
+    if source_volume is None or source_volume.GetID() not in (fixed_volume.GetID(), moving_volume.GetID()):
+        raise InverseRegError("the points must be on the fixed or the moving volume")
+    on_fixed = source_volume.GetID() == fixed_volume.GetID()
+    target = moving_volume if on_fixed else fixed_volume
+    return carry_markups(scene, markups_node, forward if on_fixed else backward,
+                         name=f"{markups_node.GetName()} on {target.GetName()}")
+
+
+def markups_registration_error(fixed_markups, moving_markups, forward, backward) -> dict:
+    """Target registration error of corresponding points (by label when the labels match one to
+    one, else by order): fixed points through forward against the moving points, moving points
+    through backward against the fixed ones, and the distance before registration, as
+    :func:`InverseRegLib.points.target_registration_error` computes it (mm; keys ``pairs``,
+    ``before``, ``fixed_to_moving``, ``moving_to_fixed``, each with ``mean_mm``, ``median_mm``,
+    ``max_mm``)."""
+    from InverseRegLib.points import PointSet, target_registration_error
+    _require_result(forward, backward)
+    if fixed_markups is None or moving_markups is None:
+        raise InverseRegError("Select the point lists on both volumes (fixed and moving) to measure the error.")
+    if fixed_markups.GetID() == moving_markups.GetID():
+        raise InverseRegError("The fixed and moving point lists are the same node: choose one on each volume.")
+    sets = []
+    for node in (fixed_markups, moving_markups):
+        ras, labels = placed_points(node)
+        sets.append(PointSet(lps=ras * _FLIP, names=labels, kind="csv"))
+    summary, _ = target_registration_error(sets[0], sets[1], as_field(forward), as_field(backward))
+    return summary
+
+
+def registration_error_sentence(summary: dict) -> str:
+    """One line for the panel from :func:`markups_registration_error`'s summary."""
+    part = lambda key: f"{summary[key]['mean_mm']:.2f} mm mean, {summary[key]['max_mm']:.2f} max"  # noqa: E731
+    return (f"TRE over {summary['pairs']} point pairs: before {part('before')}; fixed to moving {part('fixed_to_moving')}; "
+            f"moving to fixed {part('moving_to_fixed')}.")
+
+
+def show_jacobian(scene, fixed_volume, moving_volume, forward, backward, backward_direction: bool = False,
+                  log: bool = False, opacity: float = 0.5) -> tuple:
+    """The panel's "Show Jacobian": det J (or ln det J) of the forward field over the fixed
+    volume, or of the backward field over the moving volume, in every slice view; the volumes
+    placed for that direction (so the one under the overlay is untransformed). Replaces the
+    module's previous Jacobian volume. Returns ``(node, messages)``."""
+    from . import ROLE_ATTRIBUTE
+    from .results import nodes_with_role
+    from .views import remove_volume, show_direction
+    _require_result(forward, backward)
+    field, background = (backward, moving_volume) if backward_direction else (forward, fixed_volume)
+    for old in nodes_with_role(scene, JACOBIAN):
+        remove_volume(scene, old)
+    direction = "backward" if backward_direction else "forward"
+    node = jacobian_volume(scene, field, log, f"{'log ' if log else ''}Jacobian determinant ({direction}, on "
+                                              f"{background.GetName()})")
+    node.SetAttribute(ROLE_ATTRIBUTE, JACOBIAN)
+    messages = show_direction(scene, fixed_volume, moving_volume, forward, backward, forward=not backward_direction)
+    views = overlay_jacobian(scene, node, background, opacity)
+    centre = "0 (log)" if log else "1"
+    messages.append(f"{node.GetName()} over '{background.GetName()}' in {views} slice view(s): red grew, blue shrank, "
+                    f"white is no change ({centre}).")
+    return node, messages

@@ -516,6 +516,179 @@ class RegisteredSceneTests(unittest.TestCase):
         self.assertGreater(min(blue, red), 0.001, (blue, red))
         self.assertGreater(np.abs(pictures["blend"] - pictures["backward_blend"]).mean(), 1.0)
 
+    # --- the panel's "After registration" section: the scene functions its Logic methods call ------
+
+    def _labels_on(self, volume, name):
+        """Two labels (darker and brighter tissue) drawn on ``volume``'s own grid."""
+        from .carry import image_to_volume
+        image = node_to_image(volume)
+        values = sitk.GetArrayFromImage(image)
+        labels = np.zeros(values.shape, np.int16)
+        labels[values > 0.25 * values.max()] = 1
+        labels[values > 0.6 * values.max()] = 2
+        label_image = sitk.GetImageFromArray(labels)
+        label_image.CopyInformation(image)
+        return image_to_volume(self.scene, label_image, name, "vtkMRMLLabelMapVolumeNode"), label_image
+
+    def test_panel_carries_label_maps_and_segmentations_to_the_other_volume(self):
+        """carry_to_other_volume (Logic.carryToOtherVolume) on the module's own transform nodes:
+        a label map on the moving volume lands on the fixed grid as SimpleITK carries it through
+        forward.nii.gz (nearest neighbour, which differs only at boundaries), one on the fixed
+        volume on the moving grid through backward.nii.gz; a segmentation goes by the volume it
+        references; one on a third volume's grid is refused and adds nothing."""
+        from InverseRegLib.errors import InverseRegError
+        from .carry import carry_to_other_volume, show_on_volume, volume_to_image
+        for source, target, field_file in ((self.moving, self.fixed, "forward.nii.gz"),
+                                           (self.fixed, self.moving, "backward.nii.gz")):
+            labels, label_image = self._labels_on(source, f"labels on {source.GetName()}")
+            carried, onto = carry_to_other_volume(self.scene, labels, self.fixed, self.moving,
+                                                  self.forward, self.backward)
+            self.assertEqual(onto.GetID(), target.GetID())
+            self.assertTrue(carried.IsA("vtkMRMLLabelMapVolumeNode"))
+            got = volume_to_image(carried)
+            reference = node_to_image(target)
+            self.assertEqual(got.GetSize(), reference.GetSize())
+            np.testing.assert_allclose(got.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+            field = sitk.Cast(sitk.ReadImage(os.path.join(self.output, field_file)), sitk.sitkVectorFloat64)
+            expected = sitk.Resample(label_image, reference, sitk.DisplacementFieldTransform(field),
+                                     sitk.sitkNearestNeighbor, 0, sitk.sitkInt16)
+            a, b = sitk.GetArrayFromImage(got), sitk.GetArrayFromImage(expected)
+            self.assertTrue(set(np.unique(a)) <= {0, 1, 2})  # no new label values
+            self.assertGreater(np.mean(a == b), 0.98, field_file)
+            print(f"carried through {field_file}: {np.mean(a == b):.4f} of voxels as SimpleITK's nearest neighbour")
+            self.assertGreater(np.count_nonzero(a == 2), 0.5 * np.count_nonzero(b == 2))
+            # shown where it lies: over its volume, which the chosen direction leaves untransformed
+            composite = self.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") if not self.scene.GetNumberOfNodesByClass(
+                "vtkMRMLSliceCompositeNode") else self.scene.GetNthNodeByClass(0, "vtkMRMLSliceCompositeNode")
+            show_on_volume(self.scene, carried, onto, self.fixed, self.moving, self.forward, self.backward)
+            self.assertEqual((composite.GetBackgroundVolumeID(), composite.GetLabelVolumeID()),
+                             (target.GetID(), carried.GetID()))
+            self.assertIsNone(target.GetTransformNodeID())
+            self.assertEqual(source.GetTransformNodeID(), (self.forward if target is self.fixed else self.backward).GetID())
+        # a segmentation drawn on the moving volume (as Segment Editor references it)
+        segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "atlas")
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(self.moving)
+        labels, _ = self._labels_on(self.moving, "atlas labels")
+        self.assertTrue(slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, segmentation))
+        carried, onto = carry_to_other_volume(self.scene, segmentation, self.fixed, self.moving,
+                                              self.forward, self.backward)
+        self.assertEqual(onto.GetID(), self.fixed.GetID())
+        self.assertTrue(carried.IsA("vtkMRMLSegmentationNode"))
+        self.assertEqual(carried.GetSegmentation().GetNumberOfSegments(), 2)
+        # a label map and a segmentation on a third volume's grid, and no result yet
+        third_image = sitk.Shrink(self.fixed_image, [2, 2, 2])
+        third = volume_node(self.scene, third_image, "third")
+        third_labels, _ = self._labels_on(third, "labels on third")
+        other = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "on third")
+        other.SetReferenceImageGeometryParameterFromVolumeNode(third)
+        self.assertTrue(slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(third_labels, other))
+        counts = node_counts(self.scene)
+        with self.assertRaisesRegex(InverseRegError, "on neither the fixed volume's nor the moving"):
+            carry_to_other_volume(self.scene, third_labels, self.fixed, self.moving, self.forward, self.backward)
+        with self.assertRaisesRegex(InverseRegError, "does not name the fixed or the moving volume"):
+            carry_to_other_volume(self.scene, other, self.fixed, self.moving, self.forward, self.backward)
+        with self.assertRaisesRegex(InverseRegError, "Register first"):
+            carry_to_other_volume(self.scene, labels, self.fixed, self.moving, None, None)
+        with self.assertRaisesRegex(InverseRegError, "neither a segmentation nor a label map"):
+            carry_to_other_volume(self.scene, self.fixed, self.fixed, self.moving, self.forward, self.backward)
+        self.assertEqual(node_counts(self.scene), counts)
+
+    def _markups(self, name, ras, labels=None):
+        node = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        for k, p in enumerate(ras):
+            node.AddControlPoint(float(p[0]), float(p[1]), float(p[2]), labels[k] if labels else f"P{k}")
+        return node
+
+    def _positions(self, node):
+        out = np.zeros((node.GetNumberOfControlPoints(), 3))
+        for k in range(len(out)):
+            node.GetNthControlPointPosition(k, out[k])
+        return out
+
+    def test_panel_moves_points_both_ways_and_measures_the_error(self):
+        """carry_markups_between (Logic.carryMarkups) moves points as SimpleITK's TransformPoint
+        does with the field files; markups_registration_error (Logic.markupsError) on
+        corresponding points: moving points made as forward(p) give 0 fixed-to-moving error and,
+        moving to fixed, the inverse-consistency error of backward(forward(p))."""
+        from InverseRegLib.errors import InverseRegError
+        from .carry import carry_markups_between, markups_registration_error, registration_error_sentence
+        flip = np.array([-1.0, -1.0, 1.0])
+        on_fixed = self._markups("landmarks", self._foreground_points(self.fixed, 12, seed=3))
+        moved = carry_markups_between(self.scene, on_fixed, self.fixed, self.fixed, self.moving,
+                                      self.forward, self.backward)
+        self.assertEqual(moved.GetName(), "landmarks on moving")
+        forward_file = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(os.path.join(self.output, "forward.nii.gz")),
+                                                                 sitk.sitkVectorFloat64))
+        expected = np.array([forward_file.TransformPoint(tuple(p * flip)) for p in self._positions(on_fixed)]) * flip
+        np.testing.assert_allclose(self._positions(moved), expected, atol=1e-4)
+        self.assertGreater(np.abs(self._positions(moved) - self._positions(on_fixed)).max(), 0.5)
+        on_moving = self._markups("moving landmarks", self._foreground_points(self.moving, 10, seed=4))
+        back = carry_markups_between(self.scene, on_moving, self.moving, self.fixed, self.moving,
+                                     self.forward, self.backward)
+        backward_file = sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(os.path.join(self.output, "backward.nii.gz")),
+                                                                  sitk.sitkVectorFloat64))
+        expected = np.array([backward_file.TransformPoint(tuple(p * flip)) for p in self._positions(on_moving)]) * flip
+        np.testing.assert_allclose(self._positions(back), expected, atol=1e-4)
+        # corresponding points, paired by label although listed in another order
+        order = list(range(12))[::-1]
+        partner = self._markups("partner", self._positions(moved)[order], [f"P{k}" for k in order])
+        summary = markups_registration_error(on_fixed, partner, self.forward, self.backward)
+        self.assertEqual(summary["pairs"], 12)
+        self.assertLess(summary["fixed_to_moving"]["max_mm"], 1e-4)
+        round_trip = np.array([map_point(self.backward, q) for q in self._positions(moved)])
+        ice = np.linalg.norm(round_trip - self._positions(on_fixed), axis=1)
+        self.assertAlmostEqual(summary["moving_to_fixed"]["mean_mm"], float(ice.mean()), delta=1e-3)
+        self.assertAlmostEqual(summary["before"]["max_mm"],
+                               float(np.linalg.norm(self._positions(moved) - self._positions(on_fixed), axis=1).max()),
+                               delta=1e-6)
+        line = registration_error_sentence(summary)
+        print(line)
+        self.assertIn("12 point pairs", line)
+        self.assertIn(f"{summary['moving_to_fixed']['mean_mm']:.2f} mm mean", line)
+        counts = node_counts(self.scene)
+        with self.assertRaisesRegex(InverseRegError, "cannot pair"):
+            markups_registration_error(on_fixed, on_moving, self.forward, self.backward)  # 12 and 10 points
+        with self.assertRaisesRegex(InverseRegError, "same node"):
+            markups_registration_error(on_fixed, on_fixed, self.forward, self.backward)
+        with self.assertRaisesRegex(InverseRegError, "on both volumes"):
+            markups_registration_error(on_fixed, None, self.forward, self.backward)
+        with self.assertRaisesRegex(InverseRegError, "fixed or the moving volume"):
+            carry_markups_between(self.scene, on_fixed, None, self.fixed, self.moving, self.forward, self.backward)
+        empty = self.scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "empty")
+        counts = node_counts(self.scene)
+        with self.assertRaisesRegex(InverseRegError, "no placed points"):
+            carry_markups_between(self.scene, empty, self.fixed, self.fixed, self.moving, self.forward, self.backward)
+        self.assertEqual(node_counts(self.scene), counts)
+
+    def test_panel_shows_one_jacobian_over_its_volume(self):
+        """show_jacobian (Logic.showJacobian): the library's det J of the chosen field over its own
+        volume (untransformed) in every slice view; a second click replaces the first volume; a new
+        registration removes it (it would be stale)."""
+        from InverseRegLib.jacobian import jacobian_image
+        from .carry import JACOBIAN, show_jacobian, volume_to_image
+        from .results import nodes_with_role
+        composites = []
+        for name in ("Red", "Green", "Yellow"):
+            composite = self.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+            composite.SetLayoutName(name)
+            composites.append(composite)
+        for backward, log, background in ((False, False, self.fixed), (True, True, self.moving)):
+            node, messages = show_jacobian(self.scene, self.fixed, self.moving, self.forward, self.backward,
+                                           backward_direction=backward, log=log, opacity=0.4)
+            field = sitk.ReadImage(os.path.join(self.output, "backward.nii.gz" if backward else "forward.nii.gz"))
+            expected = sitk.GetArrayFromImage(jacobian_image(sitk.Cast(field, sitk.sitkVectorFloat64), log))
+            np.testing.assert_allclose(sitk.GetArrayFromImage(volume_to_image(node)), expected, atol=1e-5)
+            self.assertEqual([n.GetID() for n in nodes_with_role(self.scene, JACOBIAN)], [node.GetID()])
+            for composite in composites:
+                self.assertEqual(composite.GetForegroundVolumeID(), node.GetID())
+                self.assertEqual(composite.GetBackgroundVolumeID(), background.GetID())
+                self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.4)
+            self.assertIsNone(background.GetTransformNodeID())  # the overlay's grid is where it is shown
+            self.assertIn("3 slice view(s)", messages[-1])
+        self.assertEqual(self.fixed.GetTransformNodeID(), self.backward.GetID())
+        load_result(self.scene, self.fixed, self.moving, self.output, self.forward, self.backward)
+        self.assertEqual(nodes_with_role(self.scene, JACOBIAN), [])
+
 
 ALL_TEST_CASES = (SceneBasicsTests, RegisteredSceneTests)
 

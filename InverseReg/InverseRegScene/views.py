@@ -24,6 +24,7 @@ from .volumes import image_to_node, node_to_image, same_geometry
 
 USER_TRANSFORM_ATTRIBUTE = "InverseReg.UserTransformID"
 DIFFERENCE, CHECKERBOARD, COLORS = "difference", "checkerboard", "differenceColors"
+JACOBIAN = "jacobian"  # the Jacobian volume of carry.show_jacobian
 MODES = ("difference", "differenceBefore", "blend", "checkerboard")
 #: Slicer's own diverging table (the application has it; slicer-core's colour logic does not)
 SLICER_DIVERGING_TABLE_ID = "vtkMRMLColorTableNodeFileDivergingBlueRed.txt"
@@ -133,8 +134,9 @@ def remove_volume(scene, node) -> None:
 
 
 def remove_derived_volumes(scene) -> None:
-    """Remove difference and checkerboard volumes (recomputed on demand from the current result)."""
-    for role in (DIFFERENCE, CHECKERBOARD):
+    """Remove difference, checkerboard and Jacobian volumes (recomputed on demand from the
+    current result; an earlier run's would be stale)."""
+    for role in (DIFFERENCE, CHECKERBOARD, JACOBIAN):
         for node in nodes_with_role(scene, role):
             remove_volume(scene, node)
 

@@ -213,3 +213,126 @@ def test_self_test_skips_without_torch(monkeypatch):
     assert result.errors == [] and result.failures == []
     assert result.skipped and all("torch is not installed" in reason for _, reason in result.skipped)
     assert "InverseRegTest" in MODULE.read_text() and "run_all()" in MODULE.read_text()
+
+
+# --- the panel's wiring: what only shows inside Slicer, checked from the .ui XML and the module's AST ---
+
+def _ui_tree():
+    return ET.parse(UI)
+
+
+def _string_list(widget, prop_name):
+    prop = next((p for p in widget.findall("property") if p.get("name") == prop_name), None)
+    return [s.text for s in prop.iter("string")] if prop is not None else None
+
+
+def _parameter_annotations():
+    tree = ast.parse(MODULE.read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "InverseRegParameterNode")
+    return {n.target.id: n.annotation for n in node.body if isinstance(n, ast.AnnAssign)}
+
+
+def _node_classes(annotation):
+    """``vtkMRMLX`` -> {"vtkMRMLX"}; ``Union[vtkMRMLA, vtkMRMLB, None]`` -> {"vtkMRMLA", "vtkMRMLB"}; else None."""
+    if isinstance(annotation, ast.Name) and annotation.id.startswith("vtkMRML"):
+        return {annotation.id}
+    if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) in ("Union", "typing.Union", "Optional"):
+        parts = annotation.slice.elts if isinstance(annotation.slice, ast.Tuple) else [annotation.slice]
+        names = {ast.unparse(p) for p in parts} - {"None"}
+        return names if all(n.startswith("vtkMRML") for n in names) else None
+    return None
+
+
+def _choices(annotation):
+    for call in ast.walk(annotation):
+        if isinstance(call, ast.Call) and ast.unparse(call.func) == "Choice":
+            return ast.literal_eval(call.args[0])
+    return None
+
+
+def _class_source(name):
+    tree = ast.parse(MODULE.read_text())
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def test_every_node_selector_is_given_the_scene():
+    """A qMRMLNodeComboBox without the .ui's mrmlSceneChanged -> setMRMLScene connection lists
+    no nodes in Slicer (the module only sets the scene on the top widget)."""
+    tree = _ui_tree()
+    selectors = {w.get("name") for w in tree.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {c.findtext("receiver") for c in tree.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)" and c.findtext("sender") == "InverseReg"}
+    assert {"carrySourceSelector", "pointsToMoveSelector", "fixedPointsSelector", "movingPointsSelector"} <= selectors
+    assert selectors - connected == set()
+
+
+def test_bound_widgets_can_represent_their_parameter():
+    """parameterNodeWrapper binds by widget class and annotation (Slicer's guiConnectors.py):
+    nodes to qMRMLNodeComboBox (whose nodeTypes are the annotation's classes), Choice strings to
+    QComboBox, bool to QCheckBox, int to QSpinBox."""
+    annotations = _parameter_annotations()
+    widgets = {w.get("name"): w for w in _ui_tree().iter("widget")}
+    _, bound = _ui_widgets()
+    assert {"carrySource", "pointsToMove", "pointsOn", "fixedPoints", "movingPoints", "jacobianBackward",
+            "jacobianLog"} <= set(bound)
+    for parameter, name in bound.items():
+        widget, annotation = widgets[name], annotations[parameter]
+        classes = _node_classes(annotation)
+        if classes is not None:
+            assert widget.get("class") == "qMRMLNodeComboBox", name
+            assert set(_string_list(widget, "nodeTypes") or []) == classes, name
+        elif _choices(annotation) is not None:
+            assert widget.get("class") == "QComboBox", name
+        elif ast.unparse(annotation) == "bool":
+            assert widget.get("class") == "QCheckBox", name
+        elif "int" in ast.unparse(annotation):
+            assert widget.get("class") == "QSpinBox", name
+
+
+def test_choice_combo_boxes_are_filled_with_exactly_the_choices():
+    """A QComboBox bound to a Choice is filled in setup(); the items must be the choices, or the
+    wrapper cannot write the parameter into the box."""
+    annotations = _parameter_annotations()
+    _, bound = _ui_widgets()
+    setup = ast.unparse(next(m for m in _class_source("InverseRegWidget").body
+                             if isinstance(m, ast.FunctionDef) and m.name == "setup"))
+    filled = {m.group(1): ast.literal_eval(m.group(2))
+              for m in re.finditer(r"\(self\.ui\.(\w+), (\[[^\]]*\])\)", setup)}
+    for parameter, name in bound.items():
+        choices = _choices(annotations[parameter])
+        if choices is not None:
+            assert filled.get(name) == choices, (name, filled.get(name), choices)
+
+
+def test_every_button_is_connected_and_calls_a_logic_method():
+    """Each push button of the .ui is connected in the Widget; each ``self.logic.<method>`` the
+    Widget calls exists on the Logic; the Logic never touches widgets or dialogs."""
+    source = MODULE.read_text()
+    buttons = {w.get("name") for w in _ui_tree().iter("widget") if w.get("class") == "QPushButton"}
+    assert {"carryButton", "movePointsButton", "pointErrorButton", "jacobianButton"} <= buttons
+    for button in buttons:
+        assert re.search(rf'self\.ui\.{button}\.connect\("clicked\(', source), f"{button} is not connected"
+    widget = ast.unparse(_class_source("InverseRegWidget"))
+    logic_class = _class_source("InverseRegLogic")
+    methods = {m.name for m in logic_class.body if isinstance(m, ast.FunctionDef)} | {"getParameterNode"}
+    called = set(re.findall(r"self\.logic\.(\w+)\(", widget))
+    assert {"carryToOtherVolume", "carryMarkups", "markupsError", "showJacobian"} <= called
+    assert called - methods == set()
+    logic = ast.unparse(logic_class)
+    for forbidden in ("self.ui", "qt.", "slicer.util", "ctk."):
+        assert forbidden not in logic, f"the Logic uses {forbidden}"
+
+
+def test_every_scene_function_the_logic_calls_is_tested_on_slicer_core():
+    """What a Logic method imports from InverseRegScene is called by the shared scene tests
+    (tests.py, run by pytest and by InverseRegTest) or by a test_slicer_*.py file."""
+    logic = ast.unparse(_class_source("InverseRegLogic"))
+    used = {name.strip() for module, names in re.findall(r"from InverseRegScene\.(\w+) import ([\w, ]+)", logic)
+            if module not in ("folders",) for name in names.split(",")}
+    assert {"carry_to_other_volume", "carry_markups_between", "markups_registration_error",
+            "registration_error_sentence", "show_jacobian"} <= used
+    tests = (SCENE / "tests.py").read_text() + "".join(
+        p.read_text() for p in (ROOT / "Testing" / "Python").glob("test_slicer_*.py") if p.name != Path(__file__).name)
+    untested = {name for name in used if not re.search(rf"\b{name}\(", tests)}
+    assert untested == set()
