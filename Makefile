@@ -21,7 +21,7 @@ demo: $(BIN)/.installed
 	$(BIN)/inversereg demo -o demo_output
 
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	PYTHONUTF8=1 $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

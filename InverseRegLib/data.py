@@ -47,7 +47,7 @@ def discover_subjects(data_dir) -> list[Subject]:
     manifest = root / "manifest.csv"
     subjects: list[Subject] = []
     if manifest.exists():
-        with manifest.open(newline="") as handle:
+        with manifest.open(newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
                 if "image" not in row:
                     raise InverseRegError(f"{manifest} needs an 'image' column")

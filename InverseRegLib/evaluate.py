@@ -78,7 +78,7 @@ EVALUATION_NAMES = ("pairs.csv", "labels.csv", "summary.json")
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with Path(path).open("w", newline="") as handle:  # a file in the staging folder (outputs.publish)
+    with Path(path).open("w", newline="", encoding="utf-8") as handle:  # a file in the staging folder (outputs.publish)
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

@@ -67,7 +67,7 @@ _FCSV_COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "loc
 
 def _read_fcsv(path: Path) -> PointSet:
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise InverseRegError(f"cannot read fiducial file {path}: {error}") from None
     header = [line for line in lines if line.startswith("#")]
@@ -118,7 +118,7 @@ def read_points(path, coordinates: str = "LPS") -> PointSet:
 
 def _read_markups(path: Path) -> PointSet:
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
         markups = document["markups"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InverseRegError(f"cannot read markups file {path}: {type(error).__name__}: {error}") from None
@@ -147,7 +147,7 @@ def _read_markups(path: Path) -> PointSet:
 
 def _read_csv(path: Path, coordinates: str) -> PointSet:
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle))
             header = [c.strip().lower() for c in (rows[0].keys() if rows else [])]
     except (OSError, UnicodeDecodeError, csv.Error) as error:

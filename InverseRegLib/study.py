@@ -98,7 +98,7 @@ def pairs_from_csv(path) -> list[Pair]:
     if not path.is_file():
         raise InverseRegError(f"pairs file not found: {path}")
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = list(reader)
@@ -129,7 +129,7 @@ def pairs_from_csv(path) -> list[Pair]:
 def read_report(folder: Path) -> dict | None:
     """The pair folder's report if it is complete (parses, has the total time), else None."""
     try:
-        report = json.loads((folder / "report.json").read_text())
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) and "seconds_total" in report else None
@@ -315,7 +315,7 @@ def summary_rows(pairs: list[Pair], outdir: Path, recorded: dict) -> list[dict]:
             row.update(status="ok", seconds=report.get("seconds_total"), message="",
                        **{key: report.get(key) for key in SUMMARY_COLUMNS if key in report})
         elif (folder / ERROR_NAME).is_file():
-            row.update(status="failed", message=(folder / ERROR_NAME).read_text().strip())
+            row.update(status="failed", message=(folder / ERROR_NAME).read_text(encoding="utf-8").strip())
         else:
             row.update(status="not run", message="")
         rows.append(row)

@@ -101,7 +101,7 @@ def _truncate_log(path: Path, last_step: int) -> None:
     between checkpoints logged steps that the resumed run does again."""
     if not path.exists():
         return
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     # a row cut short by a crash in the middle of an append has fewer fields than the header
     kept = rows[:1] + [row for row in rows[1:] if len(row) == len(rows[0]) and _step(row) <= last_step]
@@ -356,7 +356,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         done = step + 1
         if rank == 0:
             new = not log_path.exists()
-            with log_path.open("a", newline="") as handle:
+            with log_path.open("a", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
                 keys = ["loss", "ncc_st", "ncc_ts", "cycle", "smooth"]
                 if new:
@@ -371,7 +371,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
                     # snapshots let a peer trained for the same number of steps be compared fairly
                     export_model(run_dir / "snapshots" / f"model_step{done:06d}.pt", network, grid_spec,
                                  normalization, {**training_info, "steps": done, "val_dice_model_grid": score})
-                    with val_path.open("a", newline="") as handle:
+                    with val_path.open("a", newline="", encoding="utf-8") as handle:
                         writer = csv.writer(handle)
                         if handle.tell() == 0:
                             writer.writerow(["step", "dice"])

@@ -203,7 +203,7 @@ def test_register_progress_json_and_outputs(capsys, inputs, tmp_path):
     assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] == 1.0
     done = events[-1]
     assert Path(done["outdir"]) == outdir.resolve()
-    assert json.loads((outdir / "report.json").read_text()) == done["report"]
+    assert json.loads((outdir / "report.json").read_text(encoding="utf-8")) == done["report"]
     assert done["report"]["dice_mean"] is not None and done["report"]["affine"] is None
     assert done["report"]["passes"] == 2
     written = sorted(p.name for p in outdir.iterdir())
@@ -238,7 +238,7 @@ def test_evaluate_folder(capsys, inputs, tmp_path):
     code, out, err = run(capsys, ["evaluate", data, "-o", outdir, "--model", inputs["model"], "--no-affine",
                                   "--device", "cpu", "--labels", "2,41"])
     assert code == 0, err
-    summary = json.loads((outdir / "summary.json").read_text())
+    summary = json.loads((outdir / "summary.json").read_text(encoding="utf-8"))
     assert summary["pairs"] == 2 and "dice_mean" in summary
     assert summary["passes"] == 2 and summary["refine_steps"] == 0 and summary["affine"] is None
     with (outdir / "pairs.csv").open() as handle:
@@ -267,6 +267,6 @@ def test_demo_writes_outputs_and_overview(capsys, tmp_path):
     picture = matplotlib.image.imread(str(outdir / "overview.png"))
     assert picture.ndim == 3 and picture.shape[0] > 400 and picture.shape[1] > 600
     assert picture[..., :3].std() > 0.05  # not a blank page
-    report = json.loads((outdir / "report.json").read_text())
+    report = json.loads((outdir / "report.json").read_text(encoding="utf-8"))
     assert report["dice_mean"] > report["dice_mean_before"]
     assert "demo finished in" in out and "Dice: before" in out

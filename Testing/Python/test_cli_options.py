@@ -68,7 +68,7 @@ def register_cli(capsys, files, outdir, *options, model="smooth.pt"):
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     assert code == 0, err
-    return json.loads((Path(outdir) / "report.json").read_text()), out, err
+    return json.loads((Path(outdir) / "report.json").read_text(encoding="utf-8")), out, err
 
 
 def field(outdir, name="forward") -> np.ndarray:
@@ -333,7 +333,7 @@ def test_every_evaluate_option_reaches_the_summary(train_data, files, tmp_path, 
                  "--labels", "2", "--precision", "float32"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    summary = json.loads((outdir / "summary.json").read_text())
+    summary = json.loads((outdir / "summary.json").read_text(encoding="utf-8"))
     assert (summary["pairs"], summary["passes"], summary["refine_steps"], summary["precision"], summary["affine"],
             summary["device"]) == (2, 1, 1, "float32", None, "cpu")
     assert summary["model_id"] == hashlib.sha256(files["smooth.pt"].read_bytes()).hexdigest()[:12]
@@ -345,4 +345,4 @@ def test_every_evaluate_option_reaches_the_summary(train_data, files, tmp_path, 
     code = main(["evaluate", str(train_data), "-o", str(tmp_path / "rigid"), "--subjects", "00", "01", "--model",
                  str(files["identity.pt"]), "--device", "cpu", "--affine", "rigid", "--passes", "1"])
     assert code == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "rigid" / "summary.json").read_text())["affine"] == "rigid"
+    assert json.loads((tmp_path / "rigid" / "summary.json").read_text(encoding="utf-8"))["affine"] == "rigid"

@@ -122,7 +122,7 @@ def two_results():
 
 
 def assert_report_describes_the_folder(outdir: Path) -> None:
-    report = json.loads((outdir / "report.json").read_text())
+    report = json.loads((outdir / "report.json").read_text(encoding="utf-8"))
     names = {p.name for p in outdir.iterdir()}
     assert names == {*report["files"], "report.json"}, "a file beside report.json that it does not describe"
     for name, record in report["files"].items():
@@ -208,7 +208,7 @@ def test_the_report_names_every_file_and_nothing_else(two_results, tmp_path):
     write_result(dataclasses.replace(new, affine=None), tmp_path, [])
     assert not (tmp_path / "affine.tfm").exists()
     assert_report_describes_the_folder(tmp_path)
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     forward = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "forward.nii.gz")))
     np.testing.assert_allclose(forward, sitk.GetArrayFromImage(new.forward))
     assert report["model_id"] == new.report["model_id"]
@@ -267,7 +267,7 @@ def test_evaluation_tables_are_all_old_or_all_new(eval_data, tmp_path, monkeypat
         assert_no_temporary_files(folder)
     folder = fresh("success")
     summary = new_run(folder)
-    on_disk = json.loads((folder / "summary.json").read_text())
+    on_disk = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
     assert on_disk == summary and set(on_disk["files"]) == {"pairs.csv", "labels.csv"}
     with (folder / "labels.csv").open() as handle:
         assert {row["label"] for row in csv.DictReader(handle)} == {"2"}
@@ -328,7 +328,7 @@ def test_a_failed_training_write_leaves_complete_files_and_resumes_exactly(
         assert same_weights(run / name, uninterrupted / name), name
     assert rows(run / "log.csv") == rows(uninterrupted / "log.csv")
     assert rows(run / "val.csv") == rows(uninterrupted / "val.csv")
-    assert json.loads((run / "config.json").read_text()) == json.loads((uninterrupted / "config.json").read_text()) \
+    assert json.loads((run / "config.json").read_text(encoding="utf-8")) == json.loads((uninterrupted / "config.json").read_text(encoding="utf-8")) \
         | {"run_dir": str(run)}
     assert_no_temporary_files(run)
 

@@ -143,7 +143,7 @@ def test_cli_writes_carried_labels_and_the_report_scores_them(files, tmp_path, c
     outdir = tmp_path / method
     assert main(register_argv(files, outdir, "moving_seg.nii.gz", "--label-interpolation", method)) == 0, \
         capsys.readouterr().err
-    report = json.loads((outdir / "report.json").read_text())
+    report = json.loads((outdir / "report.json").read_text(encoding="utf-8"))
     assert report["label_interpolation"] == method
     read = lambda p: sitk.ReadImage(str(p))  # noqa: E731
     moving_carried, fixed_carried = read(outdir / "moving_seg_warped.nii.gz"), read(outdir / "fixed_seg_warped.nii.gz")

@@ -78,7 +78,7 @@ def test_files_are_staged_in_a_hidden_folder_inside_the_output_folder(tmp_path):
     written = write_result(result, outdir, [], extra={"probe.txt": probe})
     assert len(seen["entries"]) == 1 and seen["entries"][0].startswith(STAGING_PREFIX)
     assert seen["path"].parent.parent.parent == outdir  # outdir/<staging>/new/probe.txt
-    assert written["probe"] == outdir / "probe.txt" and (outdir / "probe.txt").read_text() == "probe\n"
+    assert written["probe"] == outdir / "probe.txt" and (outdir / "probe.txt").read_text(encoding="utf-8") == "probe\n"
     # the returned paths are keyed by file name without its extensions (mutants of that split)
     assert list(written) == ["forward", "backward", "moving_warped", "fixed_warped", "probe", "report"]
     assert written["forward"] == outdir / "forward.nii.gz" and written["report"] == outdir / "report.json"

@@ -120,7 +120,7 @@ def test_markups_both_ways_with_tre(result, tmp_path, capsys, system):
     # the moving list in another order: points are paired by label
     order = np.random.default_rng(3).permutation(12)
     write_markups(tmp_path / "moving.mrk.json", (moving_lps * FLIP)[order], [labels[i] for i in order], system)
-    assert json.loads((tmp_path / "fixed.mrk.json").read_text())["markups"][0]["coordinateSystem"] == system
+    assert json.loads((tmp_path / "fixed.mrk.json").read_text(encoding="utf-8"))["markups"][0]["coordinateSystem"] == system
     out = tmp_path / "out"
     assert main(["points", str(result), "--fixed-points", str(tmp_path / "fixed.mrk.json"),
                  "--moving-points", str(tmp_path / "moving.mrk.json"), "-o", str(out)]) == 0, capsys.readouterr().err
@@ -132,8 +132,8 @@ def test_markups_both_ways_with_tre(result, tmp_path, capsys, system):
     ras, names = read_markups(out / "moving_points_in_fixed.mrk.json")
     moving_in_fixed = itk_map(moving_lps[order], backward)
     assert np.abs(ras * FLIP - moving_in_fixed).max() < 1e-4
-    assert json.loads((out / "fixed_points_in_moving.mrk.json").read_text())["markups"][0]["coordinateSystem"] == system
-    tre = json.loads((out / "tre.json").read_text())
+    assert json.loads((out / "fixed_points_in_moving.mrk.json").read_text(encoding="utf-8"))["markups"][0]["coordinateSystem"] == system
+    tre = json.loads((out / "tre.json").read_text(encoding="utf-8"))
     forward_errors = np.linalg.norm(offsets, axis=1)  # |p + f(p) - q| = |offset|
     assert tre["fixed_to_moving"]["mean_mm"] == pytest.approx(forward_errors.mean(), abs=1e-5)
     assert tre["fixed_to_moving"]["max_mm"] == pytest.approx(2.0, abs=1e-5)
@@ -204,7 +204,7 @@ def test_slicer_fcsv_files(result, tmp_path, capsys, system):
     storage.SetCoordinateSystem(getattr(slicer.vtkMRMLStorageNode, f"CoordinateSystem{system}"))
     storage.SetFileName(str(tmp_path / "fixed.fcsv"))
     assert storage.WriteData(node) == 1
-    assert f"CoordinateSystem = {system}" in (tmp_path / "fixed.fcsv").read_text()
+    assert f"CoordinateSystem = {system}" in (tmp_path / "fixed.fcsv").read_text(encoding="utf-8")
     out = tmp_path / "out"
     assert main(["points", str(result), "--fixed-points", str(tmp_path / "fixed.fcsv"), "-o", str(out)]) == 0
     capsys.readouterr()

@@ -102,5 +102,5 @@ def test_cli_quality_option(pair, tmp_path, capsys):
     assert exit_info.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert main(["register", *base, "-o", str(tmp_path / "out"), "--quality", "best"]) == 0
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert report["quality"] == "best" and report["seconds_fullres"] > 0

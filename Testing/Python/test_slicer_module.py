@@ -31,7 +31,7 @@ def _ui_widgets():
 
 
 def _parameter_fields():
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == "InverseRegParameterNode":
             return {n.target.id for n in node.body if isinstance(n, ast.AnnAssign)}
@@ -44,7 +44,7 @@ def test_module_compiles():
 
 def test_every_widget_the_module_uses_exists_in_the_ui():
     names, _ = _ui_widgets()
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text()))
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE.read_text(encoding="utf-8")))
     assert used, "the module should use widgets from the .ui"
     assert used - names == set()
 
@@ -57,7 +57,7 @@ def test_every_bound_widget_names_a_parameter():
 
 
 def test_no_heavy_import_at_module_load():
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     heavy = {"torch", "InverseRegLib", "SimpleITK", "sitkUtils", "numpy", "PyTorchUtils"}
     top = []
     for node in tree.body:
@@ -69,7 +69,7 @@ def test_no_heavy_import_at_module_load():
 
 
 def test_test_runner_methods_are_real_tests():
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     test_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "InverseRegTest")
     for method in test_class.body:
         if isinstance(method, ast.FunctionDef) and method.name.startswith("test"):
@@ -85,7 +85,7 @@ def _cmake_list(text: str, variable: str):
 
 
 def test_every_file_cmake_lists_exists_and_every_library_file_is_listed():
-    text = MODULE_CMAKE.read_text()
+    text = MODULE_CMAKE.read_text(encoding="utf-8")
     for item in _cmake_list(text, "MODULE_PYTHON_RESOURCES"):
         assert (MODULE_CMAKE.parent / item.replace("${MODULE_NAME}", "InverseReg")).exists(), item
     for item in _cmake_list(text, "MODULE_PYTHON_SCRIPTS"):
@@ -100,23 +100,23 @@ def test_every_file_cmake_lists_exists_and_every_library_file_is_listed():
 
 
 def test_extension_metadata_is_filled():
-    text = (ROOT / "CMakeLists.txt").read_text()
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
     assert re.search(r'set\(EXTENSION_DEPENDS "?PyTorch"?\)', text)
     assert "add_subdirectory(InverseReg)" in text
-    s4ext = dict(line.split(" ", 1) for line in (ROOT / "InverseReg.s4ext").read_text().splitlines()
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "InverseReg.s4ext").read_text(encoding="utf-8").splitlines()
                  if line.strip() and not line.startswith("#"))
     for key in ("scm", "scmurl", "depends", "build_subdirectory", "homepage", "category", "iconurl",
                 "description", "enabled"):
         assert s4ext.get(key, "").strip(), key
     assert (ROOT / "Resources" / "Icons" / "InverseReg.png").exists()
-    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in MODULE_CMAKE.read_text()
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in MODULE_CMAKE.read_text(encoding="utf-8")
 
 
 def _parameter_default(name: str):
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "InverseRegParameterNode")
     field = next(n for n in node.body if isinstance(n, ast.AnnAssign) and n.target.id == name)
     return ast.literal_eval(field.value)
@@ -134,11 +134,11 @@ def test_every_option_the_module_passes_is_a_register_option():
     """The module runs ``python -m InverseRegLib register ...``: each ``--option`` it writes must
     be one the CLI's register command accepts."""
     from InverseRegLib.cli import build_parser
-    source = (ROOT / "InverseReg" / "InverseRegScene" / "runner.py").read_text()
+    source = (ROOT / "InverseReg" / "InverseRegScene" / "runner.py").read_text(encoding="utf-8")
     body = source[source.index("def register_command"):source.index("return command", source.index("def register_command"))]
     options = set(re.findall(r'"(--[a-z-]+)"', body))
     assert {"--passes", "--refine", "--affine", "--device", "--model", "--quality"} <= options
-    assert "registrationOptions" in MODULE.read_text() and "register_request" in source  # the worker's requests
+    assert "registrationOptions" in MODULE.read_text(encoding="utf-8") and "register_request" in source  # the worker's requests
     register = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "register")[1]
     accepted = {s for action in register._actions for s in action.option_strings}
     # --quality comes with issue 13's CLI change; the module passes it only for "best", so the
@@ -153,11 +153,11 @@ def test_scene_layer_is_qt_free_and_installed():
     """InverseRegScene runs on slicer-core: no Qt, no application globals; CMake installs every file."""
     forbidden = {"qt", "ctk", "sitkUtils", "slicer.util", "slicer.cli", "slicer.app", "slicer.mrmlScene",
                  "slicer.modules", "slicer.ScriptedLoadableModule", "slicer.parameterNodeWrapper"}
-    listed = set(_cmake_list(MODULE_CMAKE.read_text(), "MODULE_PYTHON_SCRIPTS"))
+    listed = set(_cmake_list(MODULE_CMAKE.read_text(encoding="utf-8"), "MODULE_PYTHON_SCRIPTS"))
     files = sorted(SCENE.glob("*.py"))
     assert (SCENE / "__init__.py") in files
     for path in files:
-        source = path.read_text()
+        source = path.read_text(encoding="utf-8")
         tree = ast.parse(source)
         imported = set()
         for node in ast.walk(tree):
@@ -175,12 +175,12 @@ def test_scene_layer_is_qt_free_and_installed():
 def test_catalog_entry_and_s4ext_agree():
     """InverseReg.json (Slicer's extensions index) and InverseReg.s4ext (older tooling) say the same."""
     import json
-    entry = json.loads((ROOT / "InverseReg.json").read_text())
+    entry = json.loads((ROOT / "InverseReg.json").read_text(encoding="utf-8"))
     allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
                "build_subdirectory", "enabled"}  # Schemas/slicer-extension-catalog-entry-schema-v1.0.0.json
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.0.json#")
-    s4ext = dict(line.split(" ", 1) for line in (ROOT / "InverseReg.s4ext").read_text().splitlines()
+    s4ext = dict(line.split(" ", 1) for line in (ROOT / "InverseReg.s4ext").read_text(encoding="utf-8").splitlines()
                  if line.strip() and not line.startswith("#"))
     assert entry["category"] == s4ext["category"].strip()
     assert entry["scm_url"] == s4ext["scmurl"].strip()
@@ -189,7 +189,7 @@ def test_catalog_entry_and_s4ext_agree():
     assert entry["build_dependencies"] == s4ext["depends"].split()
     assert entry.get("build_subdirectory", ".") == s4ext["build_subdirectory"].strip()
     assert entry.get("enabled", True) == (s4ext["enabled"].strip() == "1")
-    cmake = (ROOT / "CMakeLists.txt").read_text()
+    cmake = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
     assert re.search(r'set\(EXTENSION_CATEGORY "([^"]+)"\)', cmake).group(1) == entry["category"]
     assert re.search(r'set\(EXTENSION_DEPENDS "?([^")]+)"?\)', cmake).group(1).split() == entry["build_dependencies"]
     # the current extension template's CMake minimum
@@ -212,7 +212,7 @@ def test_self_test_skips_without_torch(monkeypatch):
     unittest.defaultTestLoader.loadTestsFromTestCase(scene_tests.RegisteredSceneTests).run(result)
     assert result.errors == [] and result.failures == []
     assert result.skipped and all("torch is not installed" in reason for _, reason in result.skipped)
-    assert "InverseRegTest" in MODULE.read_text() and "run_all()" in MODULE.read_text()
+    assert "InverseRegTest" in MODULE.read_text(encoding="utf-8") and "run_all()" in MODULE.read_text(encoding="utf-8")
 
 
 # --- the panel's wiring: what only shows inside Slicer, checked from the .ui XML and the module's AST ---
@@ -227,7 +227,7 @@ def _string_list(widget, prop_name):
 
 
 def _parameter_annotations():
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "InverseRegParameterNode")
     return {n.target.id: n.annotation for n in node.body if isinstance(n, ast.AnnAssign)}
 
@@ -251,7 +251,7 @@ def _choices(annotation):
 
 
 def _class_source(name):
-    tree = ast.parse(MODULE.read_text())
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
     return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
 
 
@@ -308,7 +308,7 @@ def test_choice_combo_boxes_are_filled_with_exactly_the_choices():
 def test_every_button_is_connected_and_calls_a_logic_method():
     """Each push button of the .ui is connected in the Widget; each ``self.logic.<method>`` the
     Widget calls exists on the Logic; the Logic never touches widgets or dialogs."""
-    source = MODULE.read_text()
+    source = MODULE.read_text(encoding="utf-8")
     buttons = {w.get("name") for w in _ui_tree().iter("widget") if w.get("class") == "QPushButton"}
     assert {"carryButton", "movePointsButton", "pointErrorButton", "jacobianButton"} <= buttons
     for button in buttons:
@@ -332,7 +332,7 @@ def test_every_scene_function_the_logic_calls_is_tested_on_slicer_core():
             if module not in ("folders",) for name in names.split(",")}
     assert {"carry_to_other_volume", "carry_markups_between", "markups_registration_error",
             "registration_error_sentence", "show_jacobian"} <= used
-    tests = (SCENE / "tests.py").read_text() + "".join(
-        p.read_text() for p in (ROOT / "Testing" / "Python").glob("test_slicer_*.py") if p.name != Path(__file__).name)
+    tests = (SCENE / "tests.py").read_text(encoding="utf-8") + "".join(
+        p.read_text(encoding="utf-8") for p in (ROOT / "Testing" / "Python").glob("test_slicer_*.py") if p.name != Path(__file__).name)
     untested = {name for name in used if not re.search(rf"\b{name}\(", tests)}
     assert untested == set()

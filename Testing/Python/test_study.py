@@ -65,7 +65,7 @@ def test_template_study_writes_folders_and_summary(data, tmp_path, model_file, c
     summary = read_summary(out)
     assert list(summary) == ["sub0", "sub1", "sub2"]
     for name, row in summary.items():
-        report = json.loads((out / name / "report.json").read_text())
+        report = json.loads((out / name / "report.json").read_text(encoding="utf-8"))
         assert row["status"] == "ok" and row["message"] == ""
         assert float(row["dice_mean"]) == report["dice_mean"] and float(row["ice_mean_mm"]) == report["ice_mean_mm"]
         assert float(row["seconds"]) == report["seconds_total"]
@@ -134,7 +134,7 @@ def test_interrupted_study_resumes_and_other_options_redo(data, tmp_path, model_
     argv[argv.index("--passes") + 1] = "2"
     assert main(argv) == 0
     assert calls[4:] == ["p0", "p1", "p2"]
-    assert json.loads((out / "p0" / "report.json").read_text())["passes"] == 2
+    assert json.loads((out / "p0" / "report.json").read_text(encoding="utf-8"))["passes"] == 2
     capsys.readouterr()
 
 
@@ -173,7 +173,7 @@ def test_torchrun_splits_pairs_over_two_processes(data, tmp_path, model_file):
                "--pairs", str(pairs), "-o", str(out), "--model", str(model_file), *FAST]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = {f"p{i}": json.loads((out / f"p{i}" / "report.json").read_text())["study_rank"] for i in range(5)}
+    ranks = {f"p{i}": json.loads((out / f"p{i}" / "report.json").read_text(encoding="utf-8"))["study_rank"] for i in range(5)}
     assert ranks == {f"p{i}": f"{i % 2}/2" for i in range(5)}
     summary = read_summary(out)
     assert list(summary) == [f"p{i}" for i in range(5)] and {r["status"] for r in summary.values()} == {"ok"}

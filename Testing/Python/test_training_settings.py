@@ -23,7 +23,7 @@ README = ROOT / "README.md"
 
 def card_row(name: str) -> str:
     """The value cell of the model card's table row ``| name | value |``."""
-    match = re.search(rf"^\| {re.escape(name)} \| (.+) \|$", CARD.read_text(), re.MULTILINE)
+    match = re.search(rf"^\| {re.escape(name)} \| (.+) \|$", CARD.read_text(encoding="utf-8"), re.MULTILINE)
     assert match, f"model card has no '{name}' row"
     return match.group(1)
 
@@ -41,7 +41,7 @@ def test_default_preset_matches_the_model_card():
 
 
 def test_default_preset_matches_the_readme_presets_table():
-    row = next(line for line in README.read_text().splitlines() if line.startswith("| `default` |"))
+    row = next(line for line in README.read_text(encoding="utf-8").splitlines() if line.startswith("| `default` |"))
     smooth = float(re.search(r"smoothness \(weight ([0-9.]+)", row).group(1))
     window = int(re.search(r"NCC both ways \((\d+)-voxel window\)", row).group(1))
     preset = get_preset("default")
@@ -59,7 +59,7 @@ def test_default_preset_is_the_one_the_bundled_model_was_trained_with():
 
 def test_trainer_defaults_match_the_documents_and_the_command_line():
     config = TrainConfig(data_dir="", run_dir="")
-    readme = README.read_text()
+    readme = README.read_text(encoding="utf-8")
     # README: "uses Adam (lr 1e-4 unless `--lr`)"
     assert config.lr == float(re.search(r"uses Adam \(lr ([0-9.e-]+) unless `--lr`\)", readme).group(1))
     augmentation = card_row("augmentation")

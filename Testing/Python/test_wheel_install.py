@@ -117,6 +117,6 @@ def test_wheel_without_extras_registers(installed, tmp_path):
     for name in ("forward.nii.gz", "backward.nii.gz", "moving_warped.nii.gz", "fixed_warped.nii.gz",
                  "affine.tfm", "report.json"):
         assert (out / name).is_file(), name
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     # the bundled model came from the installed package, not from this checkout
     assert Path(report["model_path"]).resolve().is_relative_to(installed.resolve()), report["model_path"]
