@@ -250,7 +250,10 @@ def test_ctrl_c_stops_register_cleanly(files, tmp_path):
     args = [sys.executable, "-m", "InverseRegLib", "register", str(files["fixed.nii.gz"]), str(files["moving.nii.gz"]),
             "-o", str(outdir), "--model", str(files["smooth.pt"]), "--no-affine", "--device", "cpu",
             "--refine", "5000", "--progress", "json"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    # as in a terminal: SIGINT at its default action (a test runner started in the background
+    # would otherwise pass on "ignore SIGINT", and Python then never raises KeyboardInterrupt)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in process.stdout:  # wait until it is refining: well inside the work
             if json.loads(line).get("message", "").startswith("refine "):

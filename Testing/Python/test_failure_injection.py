@@ -395,3 +395,34 @@ def test_a_persistent_failure_never_deletes_the_previous_result(two_results, tmp
         if not (folder / "report.json").exists():
             continue
         assert_report_describes_the_folder(folder)  # if a report is there, it is the whole truth
+
+
+def test_when_one_previous_file_cannot_be_put_back_its_report_is_not_either(two_results, tmp_path, monkeypatch):
+    """The swap fails at the first new file moved in, and then putting back the previous
+    forward.nii.gz fails too: every other previous file is put back, but not the previous
+    report.json (it would describe a forward.nii.gz that is not there); the previous forward
+    field is kept in the staging folder, not deleted."""
+    old, new = two_results
+    folder = tmp_path / "out"
+    write_result(old, folder, [])
+    previous = {p.name: p.read_bytes() for p in folder.iterdir()}
+    real = os.replace
+
+    def broken(src, dst):
+        src, dst = Path(src), Path(dst)
+        moving_in = src.parent.name == "new" and dst.parent == folder
+        putting_back = src.parent.name == "old" and dst.name == "forward.nii.gz"
+        if (moving_in and dst.name == "forward.nii.gz") or putting_back:
+            raise Injected(errno.EIO, "injected")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(Injected):
+        write_result(new, folder, [])
+    monkeypatch.undo()
+    visible = {p.name: p.read_bytes() for p in folder.iterdir() if not p.name.startswith(".")}
+    assert "report.json" not in visible and "forward.nii.gz" not in visible
+    assert visible == {k: v for k, v in previous.items() if k not in ("report.json", "forward.nii.gz")}
+    kept = [p for p in folder.glob(".*/old/*")]
+    assert {p.name for p in kept} >= {"forward.nii.gz", "report.json"}
+    assert next(p for p in kept if p.name == "forward.nii.gz").read_bytes() == previous["forward.nii.gz"]

@@ -25,8 +25,9 @@ MODULES="${MODULES:-InverseRegLib/outputs.py InverseRegLib/metrics.py InverseReg
 # only the selected tests that call that function)
 FI=Testing/Python/test_failure_injection.py
 TESTS="${TESTS:-$FI::test_register_outputs_are_all_old_or_all_new $FI::test_a_failed_first_run_leaves_no_files \
-$FI::test_the_report_names_every_file_and_nothing_else Testing/Python/test_contract.py::test_python_api_files_honour_the_contract \
-Testing/Python/test_metrics.py Testing/Python/test_warp.py Testing/Python/test_mutation_kills.py}"
+$FI::test_the_report_names_every_file_and_nothing_else $FI::test_a_persistent_failure_never_deletes_the_previous_result \
+$FI::test_when_one_previous_file_cannot_be_put_back_its_report_is_not_either \
+Testing/Python/test_contract.py::test_python_api_files_honour_the_contract Testing/Python/test_metrics.py Testing/Python/test_warp.py Testing/Python/test_mutation_kills.py}"
 CHILDREN="${CHILDREN:-2}"
 
 "$PYTHON" -c "import mutmut" 2>/dev/null || { echo "mutmut is not installed: pip install mutmut==3.8.1" >&2; exit 2; }
