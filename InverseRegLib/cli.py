@@ -61,8 +61,9 @@ def _bar(description: str, total: int | None = 100, unit: str = "%"):
         from tqdm import tqdm
     except ImportError:
         return _TextBar(description, total or 0, unit)
+    # tqdm starts a postfix with ", ": after the elapsed time it reads "00:03, network pass 1 of 2"
     if unit == "%":
-        return tqdm(total=total, desc=description, unit=unit, bar_format="{l_bar}{bar}| {postfix}")
+        return tqdm(total=total, desc=description, unit=unit, bar_format="{l_bar}{bar}| {elapsed}{postfix}")
     return tqdm(total=total, desc=description, unit=unit)
 
 
