@@ -135,7 +135,7 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
             flat_b.index_copy_(0, active[finished], bb[finished])
             active, bb, gg, rr, precondition = active[keep], bb[keep], gg[keep], rr[keep], precondition[keep]
             old_norm, damping = old_norm[keep], damping[keep]
-            if done % RELINEARIZE_EVERY == 0:
+            if initial is not None and done % RELINEARIZE_EVERY == 0:
                 # the start's Jacobian is a poor guide where the start was far off (e.g. after the
                 # full-resolution iterations moved the forward field): take the current iterate's
                 flat_b.index_copy_(0, active, bb)

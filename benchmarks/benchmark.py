@@ -1,4 +1,4 @@
-"""InverseNet vs VoxelMorph vs ANTs SyN vs the affine-only start, on every ordered pair of a labelled set.
+"""InverseNet vs VoxelMorph vs ANTs SyN vs greedy vs the affine-only start, on every ordered pair of a labelled set.
 
 For each ordered pair (fixed, moving) of the chosen subjects and each method, one worker process
 registers the pair in both directions, then measures, with the same code for every method:
@@ -33,6 +33,10 @@ representation:
 * ANTs (``antspyx``): one ``ants.registration`` gives both directions; its transform lists
   (affine + warp) are composed into one displacement field per direction by
   ``ants.apply_transforms(..., compose=...)`` (antsApplyTransforms' composite field output);
+* greedy (``picsl-greedy``): ``Greedy3D().execute`` with ``DEFAULT_GREEDY``'s settings (its
+  documented brain settings; ``--greedy NAME=SETTINGS`` to change, ``none`` to skip), forward
+  field ``-o`` and its own inverse ``-oinv`` (pairs on one shared grid only);
+* ``--quality best`` adds a row for the first model with ``register(quality='best')``;
 * identity: the affine-only starting point (the shared brains are already affinely aligned).
 
 All workers run with the same number of threads (``--threads``; OMP/MKL/torch and
