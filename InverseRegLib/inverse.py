@@ -175,34 +175,6 @@ def _jacobian_at(displacement: torch.Tensor, geometry: Geometry, flat: torch.Ten
     return (grad @ inverse).add_(torch.eye(3))
 
 
-def _sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples (N, 3) of the (1, 3, D, H, W) ``volume`` at (N, 3) grid_sample coordinates."""
-    return F.grid_sample(volume, grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
-                         align_corners=True)[0, :, 0, 0].T
-
-
-def _jacobian_at(displacement: torch.Tensor, geometry: Geometry, flat: torch.Tensor) -> torch.Tensor:
-    """I + ∂d/∂p of a (z, y, x, 3) physical field at the voxels with flat indices ``flat``, by
-    central differences (one-sided at the grid's faces); -> (N, 3, 3), [a, c] = ∂(p + d)_a / ∂p_c."""
-    columns = []
-    for dim in (2, 1, 0):  # index x, y, z
-        n = displacement.shape[dim]
-        if n < 2:
-            columns.append(torch.zeros(flat.numel(), 3))
-            continue
-        g = torch.empty_like(displacement)
-        if n > 2:
-            torch.sub(displacement.narrow(dim, 2, n - 2), displacement.narrow(dim, 0, n - 2),
-                      out=g.narrow(dim, 1, n - 2)).mul_(0.5)
-        torch.sub(displacement.narrow(dim, 1, 1), displacement.narrow(dim, 0, 1), out=g.narrow(dim, 0, 1))
-        torch.sub(displacement.narrow(dim, n - 1, 1), displacement.narrow(dim, n - 2, 1), out=g.narrow(dim, n - 1, 1))
-        columns.append(g.view(-1, 3).index_select(0, flat))
-        del g
-    grad = torch.stack(columns, dim=2)  # [a, b] = ∂d_a / ∂index_b
-    inverse = torch.as_tensor(np.linalg.inv(geometry.index_to_physical), dtype=torch.float32)
-    return (grad @ inverse).add_(torch.eye(3))
-
-
 def _residual(volume: torch.Tensor, g0: torch.Tensor, b: torch.Tensor, k: np.ndarray,
               active: torch.Tensor) -> torch.Tensor:
     """|φ(q + b(q)) - q| (mm) at the flat indices ``active``; -> (N,)."""
