@@ -330,24 +330,13 @@ def folding_percent(determinant: np.ndarray, mask: np.ndarray | None = None) -> 
 
 def inverse_consistency_error(forward: sitk.Image, backward: sitk.Image,
                               mask: np.ndarray | None = None) -> tuple[float, float]:
-    """Mean and 95th percentile of |φTS(φST(x)) - x| (mm) over the forward grid's ``mask``.
+    """Mean and 95th percentile of |φTS(φST(x)) - x| (mm) over the forward grid's ``mask``, at every
+    voxel (:func:`InverseRegLib.quality.inverse_consistency` on the images' arrays, stride 1).
 
     ``forward`` lives on the fixed grid (fixed -> moving points), ``backward`` on the moving grid
     (moving -> fixed points).
     """
+    from .quality import inverse_consistency  # quality builds on this module
     forward_field, forward_geometry = image_to_field(forward)
     backward_field, backward_geometry = image_to_field(backward)
-    points = physical_points(forward_geometry)
-    displacement = torch.from_numpy(forward_field.astype(np.float32))
-    if mask is not None:
-        selected = torch.from_numpy(np.asarray(mask, dtype=bool))
-        points, displacement = points[selected], displacement[selected]
-    else:
-        points, displacement = points.reshape(-1, 3), displacement.reshape(-1, 3)
-    if points.shape[0] == 0:
-        return 0.0, 0.0
-    mapped = points + displacement
-    volume = torch.from_numpy(np.moveaxis(backward_field, -1, 0).astype(np.float32))[None]
-    back = mapped + sample_grid(volume, backward_geometry, mapped)
-    error = torch.linalg.norm(back - points, dim=-1).numpy()
-    return float(error.mean()), float(np.percentile(error, 95))
+    return inverse_consistency(forward_field, forward_geometry, backward_field, backward_geometry, mask, stride=1)
