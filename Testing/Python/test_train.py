@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 import torch
 
 from InverseRegLib import train as train_module
@@ -28,34 +27,23 @@ from InverseRegLib.model import InverseNet
 from InverseRegLib.modelfile import load_model
 from InverseRegLib.presets import get_preset
 from inversereg_testlib import file_hashes, free_port
+from training_data import write_subjects
 
 #: (translation mm, isotropic scale) of each subject relative to the phantom
 #: length of the short run: the loss on all pairs is noisy over the first ~60 steps at this lr
 #: (measured on the 6 pairs: -1.43 at the start, -1.37 to -1.54 between steps 40 and 70, -1.61 at 100)
 STEPS = 100
-SUBJECT_MOVES = [((8.0, -6.0, 4.0), 1.0), ((-6.0, 8.0, -6.0), 0.92), ((2.0, 4.0, 10.0), 1.08), ((-3.0, -5.0, 2.0), 0.97)]
 
 
 @pytest.fixture(scope="module")
 def data_dirs(tmp_path_factory):
     """``data3``: 3 subjects img_XX/seg_XX; ``data4``: the same plus a fourth (for validation)."""
-    from InverseRegLib.synthetic import make_pair
-    fixed, moving, fixed_seg, moving_seg = make_pair(size=(40, 40, 40), spacing=(4.0, 4.0, 4.0), seed=0,
-                                                     amplitude=6.0, wavelength=60.0)
     root = tmp_path_factory.mktemp("data")
-    dirs = {"data3": root / "data3", "data4": root / "data4"}
-    for folder in dirs.values():
-        folder.mkdir()
-    for k, (shift, scale) in enumerate(SUBJECT_MOVES):
-        transform = sitk.AffineTransform(3)
-        transform.SetMatrix((scale, 0, 0, 0, scale, 0, 0, 0, scale))
-        transform.SetTranslation(shift)
-        image = sitk.Resample(moving if k % 2 else fixed, fixed, transform, sitk.sitkLinear, 0.0)
-        seg = sitk.Resample(moving_seg if k % 2 else fixed_seg, fixed, transform, sitk.sitkNearestNeighbor, 0)
-        for name, folder in dirs.items():
-            if k < 3 or name == "data4":
-                sitk.WriteImage(image, str(folder / f"img_{k:02d}.nii.gz"))
-                sitk.WriteImage(seg, str(folder / f"seg_{k:02d}.nii.gz"))
+    dirs = {"data3": root / "data3", "data4": write_subjects(root / "data4")}
+    dirs["data3"].mkdir()
+    for k in range(3):
+        for kind in ("img", "seg"):
+            shutil.copy(dirs["data4"] / f"{kind}_{k:02d}.nii.gz", dirs["data3"])
     return dirs
 
 
