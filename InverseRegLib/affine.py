@@ -110,6 +110,8 @@ def write_affine(transform: sitk.Transform, path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        from .imageio import _permissions
+        _permissions(tmp)  # the usual mode of a new file, not mkstemp's private 0600
         sitk.WriteTransform(transform, tmp)
         os.replace(tmp, path)
     except RuntimeError as exc:

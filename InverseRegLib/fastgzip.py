@@ -1,10 +1,17 @@
-"""Fast gzip compression of output files (the ``.nii.gz`` images and fields).
+"""Gzip output for the ``.nii.gz`` images and fields, at the speed of the disk when asked.
 
 ITK compresses NIfTI at zlib's default level, about 10 MB/s of input on this project's 2-core
 CPU for a float64 displacement field: writing the two fields of a 1 mm brain took longer than the
 registration. Displacement fields and resampled images are noisy floating-point data on which
-deflate's string matching finds little; zlib's run-length strategy at level 1 keeps most of the
-gain (zero background, repeated exponents) at several times the speed (docs/benchmark.md).
+deflate finds little (zlib's run-length strategy at level 1 keeps a 1 mm brain's float64 field at
+64 % of its size, at ~60 MB/s per core). So the outputs have three settings
+(:data:`COMPRESSIONS`, the command line's ``--compression``):
+
+* ``none`` (the default): a gzip file whose deflate blocks are *stored*, not compressed: every
+  gzip reader reads it (the same format), the file is as large as the plain NIfTI, and it is
+  written at memory speed (a CRC and a copy, ~0.2 s for 118 MB here);
+* ``fast``: zlib level 1, run-length strategy, several blocks in parallel;
+* ``small``: zlib level 6 (what ITK and ``gzip`` do by default), several blocks in parallel.
 
 With ``threads`` > 1 the data is cut into blocks compressed in parallel (zlib releases the GIL),
 each its own gzip member: RFC 1952 allows a file to be several members, and zlib's ``gzread``
@@ -17,57 +24,95 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-#: zlib level and strategy of :func:`gzip_file` unless told otherwise
-LEVEL = 1
-STRATEGY = zlib.Z_RLE
+#: ``--compression`` name -> (zlib level, strategy)
+COMPRESSIONS = {
+    "none": (0, zlib.Z_DEFAULT_STRATEGY),
+    "fast": (1, zlib.Z_RLE),
+    "small": (6, zlib.Z_DEFAULT_STRATEGY),
+}
+DEFAULT_COMPRESSION = "none"
 #: input bytes per gzip member when compressing in parallel
 BLOCK = 8 << 20
 
 
-def _member(data: bytes, level: int, strategy: int) -> bytes:
+def compression_settings(compression: str) -> tuple[int, int]:
+    """(zlib level, strategy) of a :data:`COMPRESSIONS` name; ValueError for an unknown one."""
+    try:
+        return COMPRESSIONS[compression]
+    except KeyError:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}") from None
+
+
+def _member(data, level: int, strategy: int) -> bytes:
     compressor = zlib.compressobj(level, zlib.DEFLATED, 31, 8, strategy)
     return compressor.compress(data) + compressor.flush()
 
 
-def gzip_file(source, target, level: int = LEVEL, strategy: int = STRATEGY, threads: int = 1) -> None:
-    """Compress the file ``source`` into ``target`` (gzip; several members when ``threads`` > 1).
+class GzipWriter:
+    """A write-only stream: bytes in, gzip out to the open binary ``handle``.
+
+    Stored (``none``) or single-threaded output is one gzip member written as the data comes;
+    otherwise blocks of ``block`` bytes become members compressed by ``threads`` threads, at most
+    ``threads + 1`` blocks in memory (``block`` default :data:`BLOCK`). ``close()`` finishes the stream (it does not close ``handle``).
+    """
+
+    def __init__(self, handle, compression: str = DEFAULT_COMPRESSION, threads: int = 1, block: int | None = None):
+        self._handle = handle
+        self._level, self._strategy = compression_settings(compression)
+        self._block = max(1, int(block or BLOCK))
+        parallel = threads > 1 and self._level > 0
+        self._pool = ThreadPoolExecutor(threads) if parallel else None
+        self._threads = threads
+        self._pending: list = []
+        self._buffer = bytearray()
+        self._stream = None if parallel else zlib.compressobj(self._level, zlib.DEFLATED, 31, 8, self._strategy)
+
+    def write(self, data) -> None:
+        if self._stream is not None:
+            self._handle.write(self._stream.compress(data))
+            return
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), self._block - len(self._buffer))
+            self._buffer += view[:take]
+            view = view[take:]
+            if len(self._buffer) == self._block:
+                self._submit()
+
+    def _submit(self) -> None:
+        self._pending.append(self._pool.submit(_member, bytes(self._buffer), self._level, self._strategy))
+        self._buffer = bytearray()
+        while len(self._pending) > self._threads:
+            self._handle.write(self._pending.pop(0).result())
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._handle.write(self._stream.flush())
+            self._stream = None
+            return
+        if self._pool is None:
+            return
+        try:
+            if self._buffer or not self._pending:
+                self._submit()
+            for future in self._pending:
+                self._handle.write(future.result())
+        finally:
+            self._pending = []
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+def gzip_file(source, target, compression: str = DEFAULT_COMPRESSION, threads: int = 1) -> None:
+    """Compress the file ``source`` into ``target`` (several members when ``threads`` > 1).
 
     ``target`` is written in place: callers write to a temporary name and rename (see
     :func:`InverseRegLib.imageio.write_image_atomic`)."""
-    source, target = Path(source), Path(target)
-    with open(source, "rb") as reader, open(target, "wb") as writer:
-        if threads <= 1:
-            compressor = zlib.compressobj(level, zlib.DEFLATED, 31, 8, strategy)
-            while block := reader.read(BLOCK):
-                writer.write(compressor.compress(block))
-            writer.write(compressor.flush())
-            return
-        with ThreadPoolExecutor(threads) as pool:
-            pending = []
-            while block := reader.read(BLOCK):
-                pending.append(pool.submit(_member, block, level, strategy))
-                if len(pending) > threads:  # bounded memory: at most threads + 1 blocks in flight
-                    writer.write(pending.pop(0).result())
-            for future in pending:
-                writer.write(future.result())
-
-
-def gzip_bytes(data: bytes, target, level: int = LEVEL, strategy: int = STRATEGY, threads: int = 1,
-               block: int = BLOCK) -> None:
-    """:func:`gzip_file` for data already in memory (e.g. a NIfTI file whose header was edited);
-    ``block``: input bytes per gzip member when ``threads`` > 1."""
-    view = memoryview(data)
-    blocks = [view[i:i + block] for i in range(0, len(view), block)] or [view[:0]]
-    with open(Path(target), "wb") as writer:
-        if threads <= 1:
-            compressor = zlib.compressobj(level, zlib.DEFLATED, 31, 8, strategy)
-            for block in blocks:
-                writer.write(compressor.compress(block))
-            writer.write(compressor.flush())
-            return
-        with ThreadPoolExecutor(threads) as pool:
-            for member in pool.map(lambda block: _member(block, level, strategy), blocks):
-                writer.write(member)
+    with open(Path(source), "rb") as reader, open(Path(target), "wb") as writer:
+        stream = GzipWriter(writer, compression, threads)
+        while block := reader.read(BLOCK):
+            stream.write(block)
+        stream.close()
 
 
 def default_threads() -> int:

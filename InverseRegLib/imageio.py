@@ -38,19 +38,19 @@ def _read(path, what: str) -> sitk.Image:
         raise InverseRegError(f"cannot read {what} {path}: {reason}") from None
 
 
-def _write_image(image: sitk.Image, path: str, compress: bool) -> None:
+def _write_image(image: sitk.Image, path: str, compress: bool, compression: str | None = None) -> None:
     """``sitk.WriteImage``, but a compressed NIfTI is written plain by ITK and gzipped by
-    :mod:`.fastgzip` (same bytes once decompressed; 2.5x less CPU than ITK's own deflate for
-    float32 data at the same size, measured in docs/benchmark.md)."""
+    :mod:`.fastgzip` with ``compression`` (default :data:`~.fastgzip.DEFAULT_COMPRESSION`): the
+    same bytes once decompressed, at a fraction of ITK's deflate time (docs/benchmark.md)."""
     if not (compress and path.endswith(".nii.gz")):
         sitk.WriteImage(image, path, compress)
         return
-    from .fastgzip import default_threads, gzip_file
+    from .fastgzip import DEFAULT_COMPRESSION, default_threads, gzip_file
 
     plain = path[: -len(".gz")]
     try:
         sitk.WriteImage(image, plain, False)
-        gzip_file(plain, path, threads=default_threads())
+        gzip_file(plain, path, compression or DEFAULT_COMPRESSION, threads=default_threads())
     finally:
         Path(plain).unlink(missing_ok=True)
 
@@ -94,74 +94,49 @@ def read_label(path, name: str | None = None, role: str = "label map") -> sitk.I
     return sitk.Cast(image, sitk.sitkInt32)
 
 
-def write_image_atomic(image: sitk.Image, path, compress: bool = True) -> None:
-    """Write with SimpleITK to a temporary sibling (same extension), then rename into place."""
+def write_image_atomic(image: sitk.Image, path, compress: bool = True, compression: str | None = None) -> None:
+    """Write with SimpleITK to a temporary sibling (same extension), then rename into place;
+    ``compression``: how a ``.nii.gz`` is compressed (:data:`~.fastgzip.COMPRESSIONS`)."""
     path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".nii.gz") else path.suffix
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     _permissions(tmp)
     try:
-        _write_image(image, tmp, compress)
+        _write_image(image, tmp, compress, compression)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def write_displacement_field(field: sitk.Image, path, chunk_bytes: int = 8 << 20) -> None:
-    """Write an ITK displacement field (3 components, LPS mm) as a NIfTI displacement-vector
-    file (intent code 1006, NIFTI_INTENT_DISPVECT), atomically (temporary sibling, then rename).
+def write_displacement_field(field: sitk.Image, path, chunk_bytes: int | None = None,
+                             compression: str | None = None) -> None:
+    """Write an ITK displacement field image (3 components, LPS mm) as a NIfTI displacement-vector
+    file (intent 1006, vectors in RAS on disk as NIfTI prescribes), atomically: see
+    :func:`InverseRegLib.fieldfile.write_field`, which writes from the array directly.
 
     SimpleITK alone writes vector images with intent 1007 (and refuses an ``intent_code`` in
-    the metadata), which 3D Slicer's transform reader warns about. NIfTI stores displacement
-    vectors in RAS; ITK (so SimpleITK, ANTs and Slicer, which all read through ITK's NIfTI
-    reader) flips x and y back to LPS when it reads intent 1006. So the vectors go to disk with x
-    and y negated and intent 1006 is put into the header; every one of those readers then gets
-    exactly ``field``'s values back (Testing/Python/test_slicer_fields.py checks each).
-
-    ``.nii.gz`` is compressed as :mod:`.fastgzip` does (zlib level 1, run-length strategy) in
-    ``chunk_bytes`` pieces in parallel, each a gzip member of its own: a multi-member gzip file,
-    which zlib, ITK, ANTs, nibabel and Python's gzip all read as one stream.
+    the metadata), which 3D Slicer's transform reader warns about; with intent 1006, ITK (so
+    SimpleITK, ANTs and Slicer) flips x and y back to LPS when it reads the file, and every one
+    of those readers gets exactly ``field``'s values back (Testing/Python/test_slicer_fields.py).
+    ``compression`` as for :func:`write_image_atomic`; ``chunk_bytes``: bytes per gzip member
+    when compressing in parallel.
 
     One consequence of intent 1006: SimpleITK keeps ``intent_code`` in the metadata of an image
     it read from such a file, and its NIfTI writer then refuses that image ("RAS conversion
     requires pixel to be 3-component vector"). To save a copy as NIfTI, use this function (or
     erase the image's metadata first); other formats (.mha, .nrrd) are not affected.
     """
-    import struct
+    from .fastgzip import DEFAULT_COMPRESSION
+    from .fieldfile import write_field
+    from .grid import Geometry
 
     path = Path(path)
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
         raise InverseRegError(f"{path.name}: a 3D displacement field with 3 components per voxel is needed")
-    if not path.name.endswith((".nii", ".nii.gz")):
-        raise InverseRegError(f"{path.name}: displacement fields are written as NIfTI (.nii or .nii.gz)")
-    ras = sitk.Compose([-sitk.VectorIndexSelectionCast(field, 0), -sitk.VectorIndexSelectionCast(field, 1),
-                        sitk.VectorIndexSelectionCast(field, 2)])
-    ras = sitk.Cast(ras, field.GetPixelID())
-    ras.CopyInformation(field)
-    fd, plain = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii", dir=path.parent)
-    os.close(fd)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    _permissions(tmp)
-    try:
-        sitk.WriteImage(ras, plain, False)
-        data = bytearray(Path(plain).read_bytes())
-        if struct.unpack_from("<i", data, 0)[0] != 348:
-            raise InverseRegError(f"{path.name}: SimpleITK did not write a little-endian NIfTI-1 header")
-        struct.pack_into("<h", data, 68, 1006)  # intent_code: NIFTI_INTENT_DISPVECT
-        if path.name.endswith(".gz"):
-            from .fastgzip import default_threads, gzip_bytes
-            gzip_bytes(bytes(data), tmp, threads=max(2, default_threads()), block=chunk_bytes)
-        else:
-            Path(tmp).write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    finally:
-        Path(plain).unlink(missing_ok=True)
+    write_field(sitk.GetArrayViewFromImage(field), Geometry.of(field), path, compression or DEFAULT_COMPRESSION,
+                block=chunk_bytes)
 
 
 def write_text_atomic(text: str, path) -> None:

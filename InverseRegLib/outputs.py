@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .imageio import (OUTPUT_NAMES, prepare_output_dir, write_displacement_field, write_image_atomic,
-                      write_text_atomic)
+from .fastgzip import DEFAULT_COMPRESSION, compression_settings
+from .fieldfile import write_field
+from .imageio import OUTPUT_NAMES, prepare_output_dir, write_image_atomic, write_text_atomic
 from .pipeline import RegistrationResult
 
 #: prefix of the staging folder a run writes into before its files are moved into place
@@ -110,13 +111,15 @@ _INDEX_NAMES = ("report.json", "summary.json")
 
 
 def write_result(result: RegistrationResult, outdir, inputs: list,
-                 extra: dict[str, Writer] | None = None) -> dict[str, Path]:
+                 extra: dict[str, Writer] | None = None, compression: str = DEFAULT_COMPRESSION) -> dict[str, Path]:
     """Write the four images, the affine (if any), ``extra`` files (name -> writer, e.g. the
     demo's overview.png), the carried label maps and extra images (Jacobians) if any, and
     report.json into ``outdir`` as one unit (see the module docstring).
 
     ``inputs`` are the input file paths: an output that would land on one of them is refused
-    before anything is written. The report gains ``files`` (size and sha256 of every other
+    before anything is written. ``compression``: how the ``.nii.gz`` files are compressed
+    (:data:`~.fastgzip.COMPRESSIONS`; the default stores them uncompressed in gzip form, the
+    fastest to write and to read back). The report gains ``files`` (size and sha256 of every other
     file), ``seconds_writing`` (and ``seconds_whole_process`` when the command line timed its
     start-up); ``result.report`` is updated to the report written. Returns the written paths by
     name (``forward``, ..., ``report``).
@@ -124,14 +127,16 @@ def write_result(result: RegistrationResult, outdir, inputs: list,
     started = time.perf_counter()
     outdir = prepare_output_dir(outdir, inputs)
     writers: dict[str, Writer] = {}
-    for name, image in (("forward", result.forward), ("backward", result.backward)):
-        # intent 1006, which Slicer's reader expects
-        writers[f"{name}.nii.gz"] = lambda path, image=image: write_displacement_field(image, path)
-    for name, image in (("moving_warped", result.moving_warped), ("fixed_warped", result.fixed_warped)):
-        writers[f"{name}.nii.gz"] = lambda path, image=image: write_image_atomic(image, path)
-    # carried label maps and other per-run images (Jacobians) the front end asked for
-    for name, image in {**result.label_images, **result.extra_images}.items():
-        writers[f"{name}.nii.gz"] = lambda path, image=image: write_image_atomic(image, path)
+    compression_settings(compression)  # an unknown name is refused before anything is written
+    for name, array, geometry in (("forward", result.forward_field, result.fixed_geometry),
+                                  ("backward", result.backward_field, result.moving_geometry)):
+        # straight from the float32 array; intent 1006, which Slicer's reader expects
+        writers[f"{name}.nii.gz"] = lambda path, a=array, g=geometry: write_field(a, g, path, compression)
+    images = {"moving_warped": result.moving_warped, "fixed_warped": result.fixed_warped,
+              # carried label maps and other per-run images (Jacobians) the front end asked for
+              **result.label_images, **result.extra_images}
+    for name, image in images.items():
+        writers[f"{name}.nii.gz"] = lambda path, image=image: write_image_atomic(image, path, compression=compression)
     if result.affine is not None:
         from .affine import write_affine
         writers["affine.tfm"] = lambda path: write_affine(result.affine, path)

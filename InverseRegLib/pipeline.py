@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Callable
 
 import numpy as np
@@ -50,8 +51,11 @@ class Cancelled(InverseRegError):
 
 @dataclass
 class RegistrationResult:
-    forward: sitk.Image  # VectorFloat64 on the fixed grid: fixed point -> moving point (LPS mm)
-    backward: sitk.Image  # VectorFloat64 on the moving grid: moving point -> fixed point
+    # (z, y, x, 3) float32 LPS-mm displacements, as written to the files (in float64):
+    forward_field: np.ndarray  # on the fixed grid: fixed point p -> moving point p + f(p)
+    backward_field: np.ndarray  # on the moving grid: moving point -> fixed point
+    fixed_geometry: Geometry
+    moving_geometry: Geometry
     moving_warped: sitk.Image  # moving resampled onto the fixed grid
     fixed_warped: sitk.Image  # fixed resampled onto the moving grid
     affine: sitk.Transform | None  # fixed -> moving affine part (None when switched off)
@@ -61,6 +65,19 @@ class RegistrationResult:
     label_images: dict = field(default_factory=dict)
     # other images a front end adds before writing (e.g. "jacobian_forward"), written as <name>.nii.gz
     extra_images: dict = field(default_factory=dict)
+
+    # The ITK images are made when asked for, not by register(): a float64 copy of each field is
+    # what a caller of sitk.DisplacementFieldTransform needs, and what writing the files does not
+    # (on a 400x400x300 grid the forward one alone is 1.1 GB).
+    @cached_property
+    def forward(self) -> sitk.Image:
+        """The forward field as an ITK displacement field image (VectorFloat64, fixed grid)."""
+        return field_to_image(self.forward_field, self.fixed_geometry)
+
+    @cached_property
+    def backward(self) -> sitk.Image:
+        """The backward field as an ITK displacement field image (VectorFloat64, moving grid)."""
+        return field_to_image(self.backward_field, self.moving_geometry)
 
 
 def _peak_memory_mb(device: torch.device) -> dict:
@@ -282,13 +299,9 @@ def register(
                                            linear=None if transform is None else affine_matrix(transform)[0],
                                            iterations=12 if quality == "fast" else 30)
     t_inverse = time.perf_counter() - t0
-    forward_image = field_to_image(forward, fixed_geometry, float64=False)
-    backward_image = field_to_image(backward, moving_geometry, float64=False)
-    del forward, backward  # freed before the cast: on a 400x400x300 grid that is 0.6 GB less at the peak
-    forward_image = sitk.Cast(forward_image, sitk.sitkVectorFloat64)
-    backward_image = sitk.Cast(backward_image, sitk.sitkVectorFloat64)
-    # from here on the arrays are views of the images (no second copy of a large field)
-    forward, backward = sitk.GetArrayViewFromImage(forward_image), sitk.GetArrayViewFromImage(backward_image)
+    # float32 from here on (the files get these values in float64; see RegistrationResult)
+    forward = np.ascontiguousarray(forward, dtype=np.float32)
+    backward = np.ascontiguousarray(backward, dtype=np.float32)
     t_fields = time.perf_counter() - t_start
     check_cancel()
     report_progress(0.75, "warping the images")
@@ -351,8 +364,8 @@ def register(
     report.update(_peak_memory_mb(device))
     report["seconds_total"] = round(time.perf_counter() - t_start, 3)
     report_progress(1.0, "done")
-    return RegistrationResult(forward_image, backward_image, moving_warped, fixed_warped, transform, report,
-                              label_images)
+    return RegistrationResult(forward, backward, fixed_geometry, moving_geometry, moving_warped, fixed_warped,
+                              transform, report, label_images)
 
 
 def label_report(fixed_seg, moving_seg, forward, backward, fixed_geometry, moving_geometry, labels=None,

@@ -144,7 +144,7 @@ def is_done(folder: Path, pair: Pair, options: dict) -> bool:
 
 
 def register_pair(pair: Pair, folder: Path, model, options: dict, jacobian: str | None = None,
-                  recorded: dict | None = None, rank: str = "0/1") -> dict:
+                  recorded: dict | None = None, rank: str = "0/1", compression: str | None = None) -> dict:
     """Read, register and write one pair into ``folder``; returns the report. ``recorded``: the
     options the report keeps (``study_options``) to recognise the pair as done on a rerun."""
     from .imageio import read_image, read_label
@@ -171,7 +171,8 @@ def register_pair(pair: Pair, folder: Path, model, options: dict, jacobian: str 
     result.report["study_options"] = options if recorded is None else recorded
     result.report["study_rank"] = rank  # which process of a torchrun study registered it ("rank/world")
     inputs = [p for p in (pair.fixed, pair.moving, pair.fixed_seg, pair.moving_seg) if p is not None]
-    write_result(result, folder, inputs)
+    from .fastgzip import DEFAULT_COMPRESSION
+    write_result(result, folder, inputs, compression=compression or DEFAULT_COMPRESSION)
     return result.report
 
 
@@ -217,10 +218,12 @@ def distributed() -> tuple[int, int]:
 
 
 def run_study(pairs: list[Pair], outdir, model=None, options: dict | None = None, jacobian: str | None = None,
-              progress: bool = True, report_error: Callable[[str], None] | None = None) -> list[dict]:
+              progress: bool = True, report_error: Callable[[str], None] | None = None,
+              compression: str | None = None) -> list[dict]:
     """Register this process's share of ``pairs`` into ``outdir/<name>/``, then (rank 0, after
     every rank is done) write ``outdir/summary.csv``. Returns the summary rows (rank 0: all
-    pairs; other ranks: their own share)."""
+    pairs; other ranks: their own share). ``compression``: of the written ``.nii.gz`` files
+    (:data:`~.fastgzip.COMPRESSIONS`; not part of what makes a pair "done": it changes no value)."""
     from .imageio import write_text_atomic
     from .modelfile import LoadedModel, load_model
 
@@ -261,7 +264,7 @@ def run_study(pairs: list[Pair], outdir, model=None, options: dict | None = None
             try:
                 folder.mkdir(exist_ok=True)
                 run_options = {**options, "device": device}
-                register_pair(pair, folder, model, run_options, jacobian, recorded, f"{rank}/{world}")
+                register_pair(pair, folder, model, run_options, jacobian, recorded, f"{rank}/{world}", compression)
                 (folder / ERROR_NAME).unlink(missing_ok=True)
                 _step(bar, f"{pair.name}: done in {time.perf_counter() - started:.1f} s")
             except (KeyboardInterrupt, SystemExit):

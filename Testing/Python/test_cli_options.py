@@ -200,6 +200,33 @@ def test_affine_modes_are_forwarded(capsys, files, scaled_pair, tmp_path):
         assert np.abs(field(outdir)).max() < 1e-3  # identity network, no affine: no motion
 
 
+def test_compression_changes_the_files_not_their_values(capsys, files, tmp_path):
+    """``--compression``: stored (default), fast and small gzip; every reader gets the same voxels,
+    the compressed files are smaller, and every output has the usual mode of a new file."""
+    sizes, fields = {}, {}
+    for compression in ("none", "fast", "small"):
+        outdir = tmp_path / compression
+        options = ("--compression", compression) if compression != "none" else ()
+        report, _, _ = register_cli(capsys, files, outdir, *options, model="identity.pt")
+        sizes[compression] = {name: info["bytes"] for name, info in report["files"].items()}
+        fields[compression] = field(outdir)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in outdir.iterdir():
+            assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path.name
+    for compression in ("fast", "small"):
+        np.testing.assert_array_equal(fields[compression], fields["none"])
+        for name in ("forward.nii.gz", "backward.nii.gz", "moving_warped.nii.gz"):
+            assert sizes[compression][name] < sizes["none"][name], (compression, name)
+    raw = (tmp_path / "none" / "forward.nii.gz").read_bytes()
+    import gzip
+    assert len(raw) > len(gzip.decompress(raw))  # stored: the data plus gzip's framing
+    with pytest.raises(SystemExit):  # argparse refuses another name
+        main(["register", str(files["fixed.nii.gz"]), str(files["moving.nii.gz"]), "-o", str(tmp_path / "x"),
+              "--compression", "zstd"])
+    capsys.readouterr()
+
+
 def test_progress_none_prints_only_the_summary(capsys, files, tmp_path):
     _, out, err = register_cli(capsys, files, tmp_path / "n", "--no-affine", "--progress", "none")
     assert err == "" and "wrote " in out and not any(line.startswith("{") for line in out.splitlines())

@@ -26,11 +26,11 @@ def _intent(path):
     return struct.unpack_from("<h", gzip.open(path).read(348), 68)[0]
 
 
-@pytest.mark.parametrize("chunk_bytes", [8 << 20, 4096])  # one gzip member, and many
-def test_written_field_has_intent_1006_and_simpleitk_reads_the_same_values(tmp_path, chunk_bytes):
-    image, _ = _field()
+@pytest.mark.parametrize("chunk_bytes,compression", [(8 << 20, "none"), (8 << 20, "fast"), (4096, "fast")])
+def test_written_field_has_intent_1006_and_simpleitk_reads_the_same_values(tmp_path, chunk_bytes, compression):
+    image, _ = _field()  # with 4096-byte chunks: a multi-member gzip file
     path = tmp_path / "forward.nii.gz"
-    write_displacement_field(image, path, chunk_bytes=chunk_bytes)
+    write_displacement_field(image, path, chunk_bytes=chunk_bytes, compression=compression)
     assert _intent(path) == 1006
     back = sitk.ReadImage(str(path))
     assert back.GetPixelID() == sitk.sitkVectorFloat64  # DisplacementFieldTransform takes it as read
@@ -44,7 +44,7 @@ def test_ants_reads_the_same_values(tmp_path):
     ants = pytest.importorskip("ants")
     image, _ = _field()
     path = tmp_path / "forward.nii.gz"
-    write_displacement_field(image, path, chunk_bytes=4096)  # a multi-member gzip file
+    write_displacement_field(image, path, chunk_bytes=4096, compression="fast")  # a multi-member gzip file
     read = ants.image_read(str(path))
     assert read.components == 3
     # ANTs arrays are (I, J, K, 3); SimpleITK's are (K, J, I, 3)
