@@ -122,3 +122,57 @@ def default_threads() -> int:
     except AttributeError:  # not on Linux
         available = os.cpu_count() or 1
     return max(1, min(4, available))
+
+
+def read_gzip(path) -> bytes:
+    """The decompressed content of a gzip file, every member, CRC and length checked.
+
+    A file written with ``compression="none"`` (deflate *stored* blocks, as zlib's level 0 makes
+    them) is taken apart here with one copy of its data (~4x faster than ``zlib.decompress``,
+    which grows its output in steps); anything else goes to ``gzip.decompress``. ``OSError`` or
+    ``zlib.error``/``EOFError`` for a damaged or truncated file, as ``gzip`` raises them."""
+    import gzip
+
+    raw = memoryview(Path(path).read_bytes())
+    stored = _unpack_stored(raw)
+    return stored if stored is not None else gzip.decompress(raw)
+
+
+def _unpack_stored(raw: memoryview) -> bytes | None:
+    """The content of a single-member gzip file made only of stored deflate blocks, or None
+    (another block type, several members, header flags other than none or FNAME, a bad length):
+    the caller then decompresses it the usual way."""
+    if len(raw) < 18 or raw[0] != 0x1F or raw[1] != 0x8B or raw[2] != 8 or raw[3] not in (0, 8):
+        return None
+    position = 10
+    if raw[3] == 8:  # FNAME: a zero-terminated name
+        end = bytes(raw[position:position + 4096]).find(b"\0")
+        if end < 0:
+            return None
+        position += end + 1
+    pieces = []
+    total = 0
+    while True:
+        if position + 5 > len(raw):
+            return None
+        header = raw[position]
+        if header & 0x06 or header & 0xF8:  # not a stored block, or padding bits set
+            return None
+        length = raw[position + 1] | raw[position + 2] << 8
+        if length ^ (raw[position + 3] | raw[position + 4] << 8) != 0xFFFF:
+            return None
+        start = position + 5
+        if start + length > len(raw):
+            return None
+        pieces.append(raw[start:start + length])
+        total += length
+        position = start + length
+        if header & 1:  # BFINAL
+            break
+    if position + 8 != len(raw):  # another member or trailing bytes: leave it to gzip
+        return None
+    data = b"".join(pieces)
+    crc, size = int.from_bytes(raw[position:position + 4], "little"), int.from_bytes(raw[position + 4:position + 8], "little")
+    if zlib.crc32(data) != crc or size != total & 0xFFFFFFFF:
+        raise OSError("CRC check failed: the gzip file is damaged")
+    return data

@@ -99,3 +99,36 @@ def write_field(field: np.ndarray, geometry: Geometry, path, compression: str = 
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
+
+def read_field_ras(path) -> tuple[np.ndarray, Geometry] | None:
+    """The voxels of a field file as :func:`write_field` writes it, without ITK's conversions:
+    ``((z, y, x, 3) float64 RAS displacements, geometry)``, the geometry as ITK reads it (LPS).
+    None for any other file (another intent, data type, layout or scaling): read those with ITK.
+
+    What 3D Slicer's grid transforms hold is exactly this (RAS vectors, component-interleaved), so
+    the Slicer module loads a result this way in a third of the time of ``sitk.ReadImage`` and the
+    LPS-to-RAS conversion after it (three full copies fewer of a 118 MB field)."""
+    from .fastgzip import read_gzip
+
+    path = Path(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header only: ITK's orientation, as for every other reader
+    geometry = Geometry(tuple(int(n) for n in reader.GetSize()), tuple(float(s) for s in reader.GetSpacing()),
+                        tuple(float(o) for o in reader.GetOrigin()), tuple(float(d) for d in reader.GetDirection()))
+    with open(path, "rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    data = read_gzip(path) if gzipped else path.read_bytes()
+    if len(data) < 352 or struct.unpack_from("<i", data, 0)[0] != 348:
+        return None
+    dims = struct.unpack_from("<8h", data, 40)
+    intent, datatype = struct.unpack_from("<2h", data, 68)
+    slope, intercept = struct.unpack_from("<2f", data, 112)
+    offset = int(struct.unpack_from("<f", data, 108)[0])
+    nx, ny, nz = geometry.size
+    if (dims[:6] != (5, nx, ny, nz, 1, 3) or intent != INTENT_DISPLACEMENT or datatype != 64
+            or slope not in (0.0, 1.0) or intercept != 0.0 or len(data) < offset + 24 * nx * ny * nz):
+        return None
+    planes = np.frombuffer(data, dtype="<f8", count=3 * nx * ny * nz, offset=offset).reshape(3, nz, ny, nx)
+    return np.ascontiguousarray(np.moveaxis(planes, 0, -1)), geometry

@@ -38,13 +38,31 @@ def itk_field_to_slicer_grid(field: sitk.Image) -> SlicerGrid:
     """An ITK displacement field image (3 components, LPS mm) -> :class:`SlicerGrid` (RAS)."""
     if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
         raise ValueError("a 3D displacement field with 3 components per voxel is needed")
-    vectors = sitk.GetArrayFromImage(field).astype(np.float64)
+    vectors = sitk.GetArrayViewFromImage(field)
     direction = np.asarray(field.GetDirection(), dtype=np.float64).reshape(3, 3)
     return SlicerGrid(
-        displacement_ras=vectors * np.array([-1.0, -1.0, 1.0]),
+        displacement_ras=np.multiply(vectors, np.array([-1.0, -1.0, 1.0]), dtype=np.float64),  # one copy
         origin_ras=_LPS_TO_RAS @ np.asarray(field.GetOrigin(), dtype=np.float64),
         spacing=np.asarray(field.GetSpacing(), dtype=np.float64),
         direction_ras=_LPS_TO_RAS @ direction,
+    )
+
+
+def read_slicer_grid(path) -> SlicerGrid:
+    """A displacement field file -> :class:`SlicerGrid`. The library's own field files (intent
+    1006, float64, as :func:`~.fieldfile.write_field` writes them) are read without ITK's
+    conversions (:func:`~.fieldfile.read_field_ras`); any other file goes through SimpleITK."""
+    from .fieldfile import read_field_ras
+
+    fast = read_field_ras(path)
+    if fast is None:
+        return itk_field_to_slicer_grid(sitk.ReadImage(str(path)))
+    displacement_ras, geometry = fast
+    return SlicerGrid(
+        displacement_ras=displacement_ras,
+        origin_ras=_LPS_TO_RAS @ np.asarray(geometry.origin, dtype=np.float64),
+        spacing=np.asarray(geometry.spacing, dtype=np.float64),
+        direction_ras=_LPS_TO_RAS @ geometry.direction_matrix,
     )
 
 

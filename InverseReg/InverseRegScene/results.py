@@ -38,10 +38,12 @@ def check_result_folder(folder: str) -> dict:
         return json.load(handle)
 
 
-def grid_transform_from_field(field: sitk.Image):
-    """An ITK displacement field image -> ``vtkOrientedGridTransform`` (RAS, linear)."""
+def grid_transform_from_field(field):
+    """An ITK displacement field image, or a ``SlicerGrid`` already read from a field file
+    (:func:`InverseRegLib.slicer_grid.read_slicer_grid`) -> ``vtkOrientedGridTransform`` (RAS, linear)."""
     from InverseRegLib.slicer_grid import itk_field_to_slicer_grid, to_vtk_image
-    image, direction = to_vtk_image(itk_field_to_slicer_grid(field))
+    grid = itk_field_to_slicer_grid(field) if isinstance(field, sitk.Image) else field
+    image, direction = to_vtk_image(grid)
     transform = slicer.vtkOrientedGridTransform()
     transform.SetDisplacementGridData(image)
     transform.SetGridDirectionMatrix(direction)
@@ -49,30 +51,30 @@ def grid_transform_from_field(field: sitk.Image):
     return transform
 
 
-def check_field_grid(field: sitk.Image, volume, what: str) -> None:
-    """ValueError unless the field lies on ``volume``'s grid (a result of another pair, or the
-    two volumes swapped, would otherwise load silently)."""
+def check_field_grid(grid, volume, what: str) -> None:
+    """ValueError unless the field (a ``SlicerGrid``) lies on ``volume``'s grid (a result of
+    another pair, or the two volumes swapped, would otherwise load silently)."""
     dims = volume.GetImageData().GetDimensions() if volume.GetImageData() is not None else None
     matrix = vtk.vtkMatrix4x4()
     volume.GetIJKToRASMatrix(matrix)
     ijk_to_ras = np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(3)])
-    lps = np.diag([-1.0, -1.0, 1.0])
-    field_matrix = np.asarray(field.GetDirection()).reshape(3, 3) @ np.diag(field.GetSpacing())
-    expected = np.hstack([lps @ field_matrix, (lps @ np.asarray(field.GetOrigin()))[:, None]])
-    if tuple(field.GetSize()) != tuple(dims or ()) or not np.allclose(expected, ijk_to_ras, atol=1e-3):
+    size = tuple(grid.displacement_ras.shape[2::-1])
+    if size != tuple(dims or ()) or not np.allclose(grid.ijk_to_ras()[:3], ijk_to_ras, atol=1e-3):
         raise ValueError(f"the {what} field is not on the grid of the volume '{volume.GetName()}' "
-                         f"(size {field.GetSize()} vs {dims}): is it the result of another pair?")
+                         f"(size {size} vs {dims}): is it the result of another pair?")
 
 
 def set_grid_transform(node, field, moved_node, reference_node) -> None:
-    """Fill ``node`` from a field (image or file); ``moved_node`` is the volume this transform moves.
+    """Fill ``node`` from a field (ITK image, ``SlicerGrid`` or file); ``moved_node`` is the volume
+    this transform moves.
 
     Registration roles as ``vtkMRMLTransformNode.h`` defines them: the *moving* role names the
     node that was moved, the *fixed* role the one it was moved onto. For the backward transform
     that is the fixed volume moved onto the moving one.
     """
-    if not isinstance(field, sitk.Image):
-        field = sitk.ReadImage(str(field))
+    if isinstance(field, (str, os.PathLike)):
+        from InverseRegLib.slicer_grid import read_slicer_grid
+        field = read_slicer_grid(field)
     node.SetAndObserveTransformFromParent(grid_transform_from_field(field))
     node.SetAttribute(INTERPOLATION_ATTRIBUTE, "linear")
     node.SetNodeReferenceID(slicer.vtkMRMLTransformNode.GetMovingNodeReferenceRole(), moved_node.GetID())
@@ -126,9 +128,10 @@ def load_result(scene, fixed, moving, folder: str, forward=None, backward=None) 
 
     Nothing is created before every file was found, so a bad folder leaves the scene as it was.
     """
+    from InverseRegLib.slicer_grid import read_slicer_grid
     report = check_result_folder(folder)
-    forward_field = sitk.ReadImage(os.path.join(folder, "forward.nii.gz"))
-    backward_field = sitk.ReadImage(os.path.join(folder, "backward.nii.gz"))
+    forward_field = read_slicer_grid(os.path.join(folder, "forward.nii.gz"))
+    backward_field = read_slicer_grid(os.path.join(folder, "backward.nii.gz"))
     check_field_grid(forward_field, fixed, "forward")
     check_field_grid(backward_field, moving, "backward")
     if forward is None:

@@ -53,3 +53,35 @@ def test_vtk_reads_multi_member_files(tmp_path, monkeypatch):
     scalars = reader.GetOutput().GetPointData().GetScalars()
     assert reader.GetOutput().GetDimensions() == (30, 20, 10)
     assert scalars.GetRange() == (0.0, float(array.max()))
+
+
+@pytest.mark.parametrize("compression", list(fastgzip.COMPRESSIONS))
+def test_read_gzip_gives_back_what_was_written(tmp_path, monkeypatch, compression):
+    monkeypatch.setattr(fastgzip, "BLOCK", 64 << 10)  # several members when compressed in parallel
+    data = np.random.default_rng(2).normal(size=300_000).astype(np.float32).tobytes() + b"tail"
+    path = tmp_path / "f.gz"
+    with open(path, "wb") as handle:
+        stream = fastgzip.GzipWriter(handle, compression, threads=2)
+        stream.write(data[:1000])
+        stream.write(data[1000:])
+        stream.close()
+    assert fastgzip.read_gzip(path) == data == gzip.decompress(path.read_bytes())
+    # the stored fast path takes exactly the files made of stored blocks
+    assert (fastgzip._unpack_stored(memoryview(path.read_bytes())) is not None) == (compression == "none")
+
+
+def test_read_gzip_refuses_damaged_and_truncated_stored_files(tmp_path):
+    data = bytes(range(256)) * 2000
+    path = tmp_path / "f.gz"
+    with open(path, "wb") as handle:
+        stream = fastgzip.GzipWriter(handle, "none")
+        stream.write(data)
+        stream.close()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one data byte flipped: only the CRC can tell
+    (tmp_path / "damaged.gz").write_bytes(bytes(raw))
+    with pytest.raises(OSError, match="CRC"):
+        fastgzip.read_gzip(tmp_path / "damaged.gz")
+    (tmp_path / "short.gz").write_bytes(path.read_bytes()[:-100])
+    with pytest.raises((OSError, EOFError)):
+        fastgzip.read_gzip(tmp_path / "short.gz")

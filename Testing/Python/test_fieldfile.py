@@ -81,3 +81,32 @@ def test_refuses_what_is_not_a_field(tmp_path):
     with pytest.raises(ValueError, match="compression must be one of"):
         write_field(np.zeros((*geometry.array_shape, 3)), geometry, tmp_path / "f.nii.gz", "zstd")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("compression", ["none", "fast"])
+def test_read_field_ras_is_what_simpleitk_and_slicers_conversion_give(tmp_path, compression):
+    from InverseRegLib.fieldfile import read_field_ras
+    from InverseRegLib.slicer_grid import itk_field_to_slicer_grid, read_slicer_grid
+    geometry = _oblique_geometry()
+    field = np.random.default_rng(3).normal(0, 2.0, (*geometry.array_shape, 3)).astype(np.float32)
+    path = tmp_path / "forward.nii.gz"
+    write_field(field, geometry, path, compression, threads=2, block=4096)
+    ras, read_geometry = read_field_ras(path)
+    reference = itk_field_to_slicer_grid(sitk.ReadImage(str(path)))  # ITK's reader, then LPS -> RAS
+    np.testing.assert_array_equal(ras, reference.displacement_ras)
+    np.testing.assert_array_equal(ras, field * np.array([-1.0, -1.0, 1.0]))
+    grid = read_slicer_grid(path)
+    np.testing.assert_allclose(grid.ijk_to_ras(), reference.ijk_to_ras(), atol=1e-9)
+    assert read_geometry.size == geometry.size
+
+
+def test_read_field_ras_leaves_other_files_to_itk(tmp_path):
+    from InverseRegLib.fieldfile import read_field_ras
+    from InverseRegLib.slicer_grid import itk_field_to_slicer_grid, read_slicer_grid
+    geometry = _oblique_geometry()
+    image = geometry.apply_to(sitk.GetImageFromArray(np.ones((*geometry.array_shape, 3)), isVector=True))
+    path = tmp_path / "itk.nii.gz"
+    sitk.WriteImage(image, str(path))  # intent 1007, compressed by ITK
+    assert read_field_ras(path) is None
+    np.testing.assert_array_equal(read_slicer_grid(path).displacement_ras,
+                                  itk_field_to_slicer_grid(sitk.ReadImage(str(path))).displacement_ras)
