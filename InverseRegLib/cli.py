@@ -491,6 +491,24 @@ def cmd_worker(args) -> int:
     return serve()
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (``kill``, a batch system's time limit): it unwinds the program as Ctrl-C
+    does, so a result being written is rolled back (:mod:`.outputs`) instead of leaving its
+    staging folder behind. A BaseException, like KeyboardInterrupt: no ``except Exception`` stops it."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` (the console script does this before :func:`main`)."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -505,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("inversereg: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("inversereg: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
 
 
 def run() -> None:
@@ -520,6 +541,7 @@ def run() -> None:
     # a loaded 2-core machine: folding/ICE 2.3 s -> 0.45 s, the network 9 -> 5 s). Set before
     # torch is imported; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    handle_sigterm()
     code = main()
     if sys.argv[1:2] != ["register"]:  # training and the rest: a normal exit (process groups, ...)
         sys.exit(code)

@@ -295,6 +295,53 @@ def test_ctrl_c_stops_register_cleanly(files, tmp_path):
     assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
 
 
+def test_sigterm_stops_register_cleanly(files, tmp_path):
+    """SIGTERM (kill, a batch system's limit) during the work: exit status 143, one line, the
+    earlier complete result untouched."""
+    outdir = tmp_path / "out"
+    assert main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o", outdir, "--model",
+                                  files["smooth.pt"], "--device", "cpu", "--no-affine", "--progress", "none"]]) == 0
+    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    args = [sys.executable, "-m", "InverseRegLib", "register", str(files["fixed.nii.gz"]), str(files["moving.nii.gz"]),
+            "-o", str(outdir), "--model", str(files["smooth.pt"]), "--no-affine", "--device", "cpu",
+            "--refine", "5000", "--progress", "json"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        for line in process.stdout:
+            if json.loads(line).get("message", "").startswith("refine "):
+                break
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 143, err
+    assert err.strip().splitlines() == ["inversereg: terminated"]
+    assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
+
+
+def test_sigterm_while_writing_rolls_the_folder_back(files, tmp_path):
+    """The signal arriving in the middle of writing (here: from one of the files' writers): the
+    staging folder is removed and the previous result is back, byte for byte."""
+    from InverseRegLib.cli import Terminated, handle_sigterm
+    from InverseRegLib.outputs import write_result
+    from InverseRegLib.pipeline import register
+    outdir = tmp_path / "out"
+    assert main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o", outdir, "--model",
+                                  files["smooth.pt"], "--device", "cpu", "--no-affine", "--progress", "none"]]) == 0
+    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    result = register(sitk.ReadImage(str(files["fixed.nii.gz"])), sitk.ReadImage(str(files["moving.nii.gz"])),
+                      load_model(str(files["identity.pt"])), "cpu", None)
+    previous = signal.getsignal(signal.SIGTERM)
+    handle_sigterm()
+    try:
+        with pytest.raises(Terminated):
+            write_result(result, outdir, [], extra={"overview.png": lambda path: os.kill(os.getpid(), signal.SIGTERM)})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before  # no staging folder either
+
+
 # --- train ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
