@@ -12,7 +12,8 @@ writing both directions), with its own peak resident memory (``wait4``'s ``ru_ma
   ``ants.registration(fixed, moving, type_of_transform="SyN")`` (antspyx defaults) and writes
   both warps (``outprefix`` in the output folder: ``0GenericAffine.mat``, ``1Warp.nii.gz``,
   ``1InverseWarp.nii.gz``);
-* ``greedy`` (``--greedy``): ``picsl-greedy`` with its brain settings (docs/peers.md), both fields.
+* ``greedy`` (``--greedy``): ``picsl-greedy`` with its brain settings (docs/peers.md), both fields;
+* ``best`` (``--best``): ours with ``--quality best``.
 
 Methods alternate within each run (ours, before, ants, greedy, then the next pair), so slow
 phases of a shared machine hit all of them alike. Per pair it prints the median seconds of each
@@ -20,7 +21,8 @@ method and the ratios to ours, and next to the timings the accuracy of what was 
 here with SimpleITK through the written files (not the report): Dice over the FreeSurfer labels
 both ways (label maps resampled nearest-neighbour through each method's transforms), folding
 (% det J <= 0, physical-space Jacobian: index gradients / spacing times the inverse direction),
-and inverse consistency |b(x + f(x)) + f(x)| over the fixed foreground, for our fields.
+and inverse consistency in both orders, |b(x + f(x)) + f(x)| over the fixed foreground and
+|f(y + b(y)) + b(y)| over the moving foreground, for our fields and greedy's.
 
 ``--large`` adds the large-image case: the fixed image is ``img_A`` resampled to 0.6 mm on a
 400 x 400 x 300 grid (made here, in a temporary folder), the moving one the 1 mm ``img_B``; it
@@ -78,10 +80,10 @@ def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float
     return seconds, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
 
 
-def ours_command(source: Path, fixed: Path, moving: Path, out: Path) -> tuple[list[str], dict]:
+def ours_command(source: Path, fixed: Path, moving: Path, out: Path, *options: str) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(source)}
     return [sys.executable, "-m", "InverseRegLib", "register", str(fixed), str(moving), "-o", str(out),
-            "--progress", "none"], env
+            "--progress", "none", *options], env
 
 
 # ----------------------------------------------------------------------------------------------
@@ -131,7 +133,9 @@ def folding_percent(path: Path) -> float:
 
 
 def inverse_consistency(forward: Path, backward: Path, fixed: sitk.Image) -> tuple[float, float]:
-    """Mean and 95th percentile of |b(x + f(x)) + f(x)| (mm) over the fixed foreground."""
+    """Mean and 95th percentile of |b(x + f(x)) + f(x)| (mm) over the foreground of ``fixed``, the
+    image on whose grid ``forward`` lies (swap the fields and give the moving image for the other
+    order)."""
     from InverseRegLib.pipeline import foreground_mask
     f_img = sitk.ReadImage(str(forward))
     b_img = sitk.Cast(sitk.ReadImage(str(backward)), sitk.sitkVectorFloat64)
@@ -146,12 +150,13 @@ def judge_ours(out: Path, fixed, moving, fixed_seg, moving_seg, labels, paths=No
     forward = warp_labels(moving_seg, fixed, field_transform(out / "forward.nii.gz"))
     backward = warp_labels(fixed_seg, moving, field_transform(out / "backward.nii.gz"))
     ice = inverse_consistency(out / "forward.nii.gz", out / "backward.nii.gz", fixed)
+    ice_moving = inverse_consistency(out / "backward.nii.gz", out / "forward.nii.gz", moving)
     report = json.loads((out / "report.json").read_text())
     return {"dice_forward": dice(forward, sitk.GetArrayViewFromImage(fixed_seg), labels),
             "dice_backward": dice(backward, sitk.GetArrayViewFromImage(moving_seg), labels),
             "folding_forward": folding_percent(out / "forward.nii.gz"),
             "folding_backward": folding_percent(out / "backward.nii.gz"),
-            "ice_mean": ice[0], "ice_p95": ice[1],
+            "ice_mean": ice[0], "ice_p95": ice[1], "ice_moving_mean": ice_moving[0], "ice_moving_p95": ice_moving[1],
             "stages": {k[len("seconds_"):]: v for k, v in report.items() if k.startswith("seconds_")}}
 
 
@@ -171,9 +176,12 @@ def judge_ants(prefix: str, fixed, moving, fixed_seg, moving_seg, labels, paths)
 def judge_greedy(out: Path, fixed, moving, fixed_seg, moving_seg, labels, paths=None) -> dict:
     forward = warp_labels(moving_seg, fixed, field_transform(out / "fwd.nii.gz"))
     backward = warp_labels(fixed_seg, moving, field_transform(out / "bwd.nii.gz"))  # same grid here
+    ice = inverse_consistency(out / "fwd.nii.gz", out / "bwd.nii.gz", fixed)
+    ice_moving = inverse_consistency(out / "bwd.nii.gz", out / "fwd.nii.gz", moving)
     return {"dice_forward": dice(forward, sitk.GetArrayViewFromImage(fixed_seg), labels),
             "dice_backward": dice(backward, sitk.GetArrayViewFromImage(moving_seg), labels),
-            "folding_forward": folding_percent(out / "fwd.nii.gz"), "folding_backward": folding_percent(out / "bwd.nii.gz")}
+            "folding_forward": folding_percent(out / "fwd.nii.gz"), "folding_backward": folding_percent(out / "bwd.nii.gz"),
+            "ice_mean": ice[0], "ice_p95": ice[1], "ice_moving_mean": ice_moving[0], "ice_moving_p95": ice_moving[1]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,6 +220,7 @@ def main() -> int:
     parser.add_argument("--baseline", type=Path, help="another source tree to time as 'before'")
     parser.add_argument("--no-ants", action="store_true")
     parser.add_argument("--greedy", action="store_true")
+    parser.add_argument("--best", action="store_true", help="also time ours with --quality best ('best')")
     parser.add_argument("--large", action="store_true", help="add the 400x400x300 0.6 mm case")
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args()
@@ -219,8 +228,8 @@ def main() -> int:
     data = Path(args.data)
     pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     labels = _labels()
-    methods = ["ours"] + (["before"] if args.baseline else []) + ([] if args.no_ants else ["ants"]) + \
-              (["greedy"] if args.greedy else [])
+    methods = ["ours"] + (["best"] if args.best else []) + (["before"] if args.baseline else []) + \
+              ([] if args.no_ants else ["ants"]) + (["greedy"] if args.greedy else [])
     times = {(m, p): [] for m in methods for p in pairs}
     cpu = {(m, p): [] for m in methods for p in pairs}
     memory = {(m, p): [] for m in methods for p in pairs}
@@ -233,9 +242,9 @@ def main() -> int:
                 for method in methods:
                     out = work / f"{method}_{pair[0]}_{pair[1]}_{run}"
                     out.mkdir()
-                    if method in ("ours", "before"):
-                        command, env = ours_command(REPO if method == "ours" else args.baseline, fixed_path,
-                                                    moving_path, out)
+                    if method in ("ours", "before", "best"):
+                        command, env = ours_command(args.baseline if method == "before" else REPO, fixed_path,
+                                                    moving_path, out, *(["--quality", "best"] if method == "best" else []))
                     elif method == "ants":
                         command, env = [sys.executable, "-c", ANTS_SCRIPT, str(fixed_path), str(moving_path),
                                         str(out) + "/"], None
@@ -253,17 +262,17 @@ def main() -> int:
                         fixed, moving = sitk.ReadImage(str(fixed_path)), sitk.ReadImage(str(moving_path))
                         seg_paths = data / f"seg_{pair[0]}.nii.gz", data / f"seg_{pair[1]}.nii.gz"
                         fixed_seg, moving_seg = (sitk.ReadImage(str(p)) for p in seg_paths)
-                        judge = {"ours": judge_ours, "before": judge_ours, "ants": judge_ants,
+                        judge = {"ours": judge_ours, "before": judge_ours, "best": judge_ours, "ants": judge_ants,
                                  "greedy": judge_greedy}[method]
                         target = str(out) + "/" if method == "ants" else out
                         accuracy[(method, pair)] = judge(target, fixed, moving, fixed_seg, moving_seg, labels,
                                                          (fixed_path, moving_path, *seg_paths))
-                    if run > 0 or method not in ("ours", "before"):
+                    if run > 0 or method not in ("ours", "before", "best"):
                         shutil.rmtree(out, ignore_errors=True)
 
         print("\nwhole process, fresh python each, median over runs (s); ratio = method / ours; machine shared")
         print(f"{'pair':7s} {'method':7s} {'median s':>9s} {'ratio':>6s} {'CPU s':>7s} {'ratio':>6s} {'peak MiB':>9s}  {'Dice f/b':>13s} "
-              f"{'fold f/b %':>15s} {'ICE mean/p95 mm':>16s}")
+              f"{'fold f/b %':>15s} {'ICE mean/p95 mm':>16s} {'moving order':>14s}")
         summary = {}
         for pair in pairs:
             base = median(times[("ours", pair)])
@@ -272,12 +281,13 @@ def main() -> int:
                 t = median(times[(method, pair)])
                 c = median(cpu[(method, pair)])
                 acc = accuracy.get((method, pair), {})
-                ice = (f"{acc['ice_mean']:.3f}/{acc['ice_p95']:.3f}" if "ice_mean" in acc else "-")
+                ice = (f"{acc['ice_mean']:.4f}/{acc['ice_p95']:.3f}" if "ice_mean" in acc else "-")
+                ice_moving = (f"{acc['ice_moving_mean']:.4f}/{acc['ice_moving_p95']:.3f}" if "ice_moving_mean" in acc else "-")
                 print(f"{pair[0]}:{pair[1]:4s} {method:7s} {t:9.2f} {t / base:6.2f} {c:7.2f} {c / base_cpu:6.2f} "
                       f"{max(memory[(method, pair)]):9.0f}  "
                       f"{acc.get('dice_forward', float('nan')):.3f}/{acc.get('dice_backward', float('nan')):.3f} "
                       f"{acc.get('folding_forward', float('nan')):7.4f}/{acc.get('folding_backward', float('nan')):7.4f} "
-                      f"{ice:>16s}")
+                      f"{ice:>16s} {ice_moving:>14s}")
                 summary[f"{method} {pair[0]}:{pair[1]}"] = {"seconds": times[(method, pair)], "median": t,
                                                              "ratio_to_ours": t / base,
                                                              "cpu_seconds": cpu[(method, pair)],
