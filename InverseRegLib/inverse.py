@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .fields import _times_transpose, _to_normalized, index_affine
+from .fields import _to_normalized, index_affine
 from .grid import Geometry
 
 #: stop when every point's residual |φ(q + b(q)) - q| is below this (mm); float32 coordinates of
@@ -66,6 +66,10 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
     default zero. ``linear``: 3x3 linear part of the affine contained in ``forward``
     (its Jacobian away from the deformation), used as preconditioner; None = identity.
     Returns ``(backward, stats)``: (z', y', x', 3) float32 and :class:`InverseStats`.
+
+    Every moving voxel's iteration depends on the forward field and its own value only, so the
+    grid is inverted in z-slabs of about ``_SLAB`` voxels, each to convergence: peak memory is
+    one slab's worth of work arrays on top of the two fields, whatever the grid's size.
     """
     if iterations < 1 or not tolerance > 0:
         raise ValueError(f"need iterations >= 1 and tolerance > 0, got {iterations}, {tolerance}")
@@ -83,100 +87,259 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
             raise ValueError(f"initial backward field shape {tuple(b.shape)} does not match the moving grid {shape}")
     k = _to_normalized(fixed_geometry)
     # grid_sample coordinate of q + b: K (M_m i + o_m - o_f) - 1 + K b
-    g0 = index_affine(moving_geometry, k @ moving_geometry.index_to_physical,
-                      k @ (np.asarray(moving_geometry.origin) - np.asarray(fixed_geometry.origin)) - 1.0)
-    linear_inverse = None if linear is None else torch.as_tensor(
-        np.linalg.inv(np.asarray(linear, dtype=np.float64)).T.copy(), dtype=torch.float32)
-    flat_b, flat_g0 = b.view(-1, 3), g0.view(-1, 3)
-    # first iteration on the whole grid; most points (background, smooth regions) stop here
-    grid = flat_g0 + _times_transpose(flat_b, k)
-    # points whose start maps outside the fixed grid keep it: the forward field says nothing
-    # about the map there (its border extension is not the affine), the starting field does
-    inside = (grid.abs() <= 1.0).all(dim=1)
-    residual = _sample(volume, grid).add_(flat_b)  # φ(q + b) - q
-    del grid
-    residual_norm = torch.linalg.vector_norm(residual, dim=1)
-    done = 1
-    active = torch.nonzero((residual_norm > tolerance) & inside).squeeze(1)
-    if active.numel():
-        if initial is not None:
-            # quasi-Newton: the Jacobian I + ∂b/∂q of the starting field approximates
-            # (∂φ/∂x)^-1 at the answer, so the iteration converges where φ compresses or stretches
-            # strongly (det 0.1 .. 4 on brains) and the plain fixed point b = -f(q + b) diverges.
-            precondition = _jacobian_at(b, moving_geometry, active)
-        else:
-            precondition = (torch.eye(3) if linear_inverse is None else linear_inverse.T).expand(active.numel(), 3, 3)
-        # the points still iterating, compacted (N, ...) and shrunk as they converge
-        bb, gg, rr = (t.index_select(0, active) for t in (flat_b, flat_g0, residual))
-        del residual
-        old_norm = residual_norm.index_select(0, active)
-        damping = torch.ones(active.numel(), 1)
-        while True:
-            step = torch.bmm(precondition, rr.unsqueeze(2)).squeeze(2) * damping
-            trial = bb - step
-            trial_r = trial + _sample(volume, gg + _times_transpose(trial, k))
-            norm = torch.linalg.vector_norm(trial_r, dim=1)
-            # backtracking: where the residual grew (the preconditioner is off, e.g. when the
-            # start is far from the answer) keep the point and halve its step
-            worse = norm > old_norm
-            better = ~worse
-            bb = torch.where(worse[:, None], bb, trial)
-            rr = torch.where(worse[:, None], rr, trial_r)
-            norm = torch.where(worse, old_norm, norm)
-            damping = torch.where(worse[:, None], damping * 0.5, torch.clamp(damping * 2.0, max=1.0))
-            old_norm = norm
-            residual_norm.index_copy_(0, active, norm)
-            done += 1
-            keep = (norm > tolerance) & (better | (damping[:, 0] > 1e-3))
-            if done >= iterations or not bool(keep.any()):
-                flat_b.index_copy_(0, active, bb)
-                break
-            finished = ~keep
-            flat_b.index_copy_(0, active[finished], bb[finished])
-            active, bb, gg, rr, precondition = active[keep], bb[keep], gg[keep], rr[keep], precondition[keep]
-            old_norm, damping = old_norm[keep], damping[keep]
-            if initial is not None and done % RELINEARIZE_EVERY == 0:
-                # the start's Jacobian is a poor guide where the start was far off (e.g. after the
-                # full-resolution iterations moved the forward field): take the current iterate's
-                flat_b.index_copy_(0, active, bb)
-                precondition = _jacobian_at(b, moving_geometry, active)
-    inside_norm = residual_norm[inside]
-    stats = InverseStats(done, float(inside_norm.mean()) if inside_norm.numel() else 0.0,
-                         float(inside_norm.max()) if inside_norm.numel() else 0.0,
-                         1.0 - float(inside.float().mean()))
+    grid_matrix = k @ moving_geometry.index_to_physical
+    grid_offset = k @ (np.asarray(moving_geometry.origin) - np.asarray(fixed_geometry.origin)) - 1.0
+    if initial is None:
+        constant = np.eye(3) if linear is None else np.linalg.inv(np.asarray(linear, dtype=np.float64))
+        precondition = _Preconditioner(b, moving_geometry, torch.as_tensor(constant, dtype=torch.float32))
+    else:
+        # quasi-Newton: the Jacobian I + ∂b/∂q of the starting field approximates
+        # (∂φ/∂x)^-1 at the answer, so the iteration converges where φ compresses or stretches
+        # strongly (det 0.1 .. 4 on brains) and the plain fixed point b = -f(q + b) diverges.
+        precondition = _Preconditioner(b, moving_geometry, None)
+    k_t = torch.as_tensor(k, dtype=torch.float32)
+    total = _Totals()
+    nx, ny, nz = moving_geometry.size
+    rows = max(1, _SLAB // max(nx * ny, 1))
+    for z0 in range(0, nz, rows):
+        z1 = min(nz, z0 + rows)
+        g0 = index_affine(moving_geometry, grid_matrix, grid_offset, z_range=(z0, z1)).view(-1, 3)
+        _invert_slab(volume, b, (z0, z1), g0, k_t, precondition, tolerance, iterations, total)
+    stats = InverseStats(total.iterations, total.sum / total.count if total.count else 0.0,
+                         total.max, 1.0 - total.count / max(b.numel() // 3, 1))
     return b.numpy(), stats
 
 
+#: voxels per z-slab of the moving grid (at least one slice): ~100 bytes of work arrays each
+_SLAB = 2_000_000
+#: the first step is taken on the whole slab when more than this fraction of it still iterates
+_DENSE_FRACTION = 0.3
+#: the iterating set is compacted when fewer than this fraction of it are left
+_COMPACT = 0.6
+#: a step that leaves more than this fraction of the squared residual marks a slow point, whose
+#: preconditioner is recomputed from the current iterate at the next re-linearisation
+_SLOW = 0.1
+
+
+@dataclass
+class _Totals:
+    """Statistics summed over slabs."""
+    iterations: int = 0
+    sum: float = 0.0
+    max: float = 0.0
+    count: int = 0
+
+
+class _Preconditioner:
+    """The per-point 3x3 step matrix, planar ``(3, 3, N)``: a constant (zero start: the affine's
+    inverse) or I + ∂b/∂q of the current backward field at the points (central differences of
+    its six neighbours, one-sided at the grid's faces), gathered for those points only."""
+
+    def __init__(self, b: torch.Tensor, geometry: Geometry, constant: torch.Tensor | None):
+        self.flat = b.view(-1, 3)
+        self.size = geometry.size  # (x, y, z)
+        self.inverse = torch.as_tensor(np.linalg.inv(geometry.index_to_physical), dtype=torch.float32)
+        self.constant = constant
+
+    @property
+    def relinearizes(self) -> bool:
+        return self.constant is None
+
+    def dense(self, b: torch.Tensor, z_range: tuple[int, int]) -> torch.Tensor:
+        """(3, 3, N) step matrices at every voxel of z-rows ``z_range`` of ``b`` (z, y, x, 3), in
+        their flat order; the same central differences as :meth:`at`, by whole-array slices."""
+        z0, z1 = z_range
+        n = (z1 - z0) * b.shape[1] * b.shape[2]
+        if self.constant is not None:
+            return self.constant.reshape(3, 3, 1).expand(3, 3, n)
+        jac = torch.zeros(3, 3, n)
+        nz, ny, nx = b.shape[:3]
+        for c, dim, size in ((0, 2, nx), (1, 1, ny), (2, 0, nz)):  # index x, y, z
+            if size < 2:
+                continue
+            grad = _central_difference(b, dim, z_range)  # (3, N)
+            for e in range(3):
+                if self.inverse[c, e] != 0:
+                    jac[:, e].add_(grad, alpha=float(self.inverse[c, e]))
+        jac[0, 0] += 1.0
+        jac[1, 1] += 1.0
+        jac[2, 2] += 1.0
+        return jac
+
+    def at(self, flat: torch.Tensor) -> torch.Tensor:
+        """(3, 3, N) step matrices at the flat voxel indices ``flat`` (N,)."""
+        if self.constant is not None:
+            return self.constant.reshape(3, 3, 1).expand(3, 3, flat.numel())
+        nx, ny, nz = self.size
+        grad = torch.zeros(3, 3, flat.numel())  # [a, c] = ∂b_a / ∂index_c
+        stride = 1
+        for c, n in enumerate((nx, ny, nz)):
+            if n > 1:
+                coordinate = torch.div(flat, stride, rounding_mode="floor").remainder_(n)
+                up = (coordinate < n - 1).long()
+                down = (coordinate > 0).long()
+                difference = (self.flat.index_select(0, flat + up * stride)
+                              - self.flat.index_select(0, flat - down * stride))
+                grad[:, c] = (difference / (up + down).unsqueeze(1).float()).T
+            stride *= n
+        # ∂b_a/∂p_e = Σ_c ∂b_a/∂i_c (M^-1)_ce, plus the identity
+        jac = torch.einsum("acn,ce->aen", grad, self.inverse)
+        jac[0, 0] += 1.0
+        jac[1, 1] += 1.0
+        jac[2, 2] += 1.0
+        return jac
+
+
+def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int], g0: torch.Tensor,
+                 k: torch.Tensor, precondition: _Preconditioner, tolerance: float, iterations: int,
+                 total: _Totals) -> None:
+    """Invert the moving voxels of z-rows ``z_range`` of ``b`` ((z, y, x, 3)) in place.
+
+    ``g0`` (N, 3): their own grid_sample coordinates in the fixed grid; ``k`` (3, 3): mm to
+    grid_sample units. Work arrays are planar (3, N): contiguous per component, so norms and the
+    3x3 step are plain vector operations. The first step is taken on the whole slab (no
+    gathers: most points still iterate then), later ones on the shrinking set left.
+    """
+    z0, z1 = z_range
+    slab_b = b[z0:z1].view(-1, 3)
+    first = z0 * b.shape[1] * b.shape[2]
+    grid = torch.addmm(g0, slab_b, k.T)
+    # points whose start maps outside the fixed grid keep it: the forward field says nothing
+    # about the map there (its border extension is not the affine), the starting field does
+    inside = (grid.abs() <= 1.0).all(dim=1)
+    bb = slab_b.T.contiguous()  # (3, N)
+    rr = _sample(volume, grid).add_(bb)  # (3, N): φ(q + b) - q
+    del grid
+    norm2 = _squared_norm(rr)
+    tolerance2 = tolerance * tolerance
+    moving = (norm2 > tolerance2) & inside
+    done = 1
+    count = int(moving.sum())
+    if count and iterations > 1 and count > _DENSE_FRACTION * moving.numel():
+        # one step on the whole slab; the points that have converged or lie outside take none
+        dense_matrix = precondition.dense(b, z_range)
+        step = _apply(dense_matrix, rr).mul_(moving)
+        trial = bb - step
+        del step
+        trial_r = _sample(volume, torch.addmm(g0, trial.T, k.T)).add_(trial)
+        new = _squared_norm(trial_r)
+        better = new <= norm2
+        bb = torch.where(better, trial, bb)
+        rr = torch.where(better, trial_r, rr)
+        norm2 = torch.where(better, new, norm2)
+        del trial, trial_r, new
+        slab_b.copy_(bb.T)
+        done = 2
+        active = torch.nonzero(moving & (norm2 > tolerance2)).squeeze(1)
+        # where the step made things worse it is retried at half length
+        damping = torch.where(better.index_select(0, active), 1.0, 0.5)
+        # the start's matrices serve the rest of the iteration (re-linearised where it is slow)
+        step_matrix = dense_matrix.index_select(2, active)
+        del dense_matrix
+    else:
+        active = torch.nonzero(moving).squeeze(1)
+        damping = torch.ones(active.numel())
+        step_matrix = precondition.at(active + first)
+    if active.numel() and done < iterations:
+        # the points still iterating, compacted as they converge
+        bb, rr = bb.index_select(1, active), rr.index_select(1, active)
+        gg = g0.index_select(0, active)
+        old = norm2.index_select(0, active)
+        while True:
+            step = _apply(step_matrix, rr).mul_(damping)
+            trial = bb - step
+            trial_r = _sample(volume, torch.addmm(gg, trial.T, k.T)).add_(trial)
+            new = _squared_norm(trial_r)
+            # backtracking: where the residual grew (the preconditioner is off, e.g. when the
+            # start is far from the answer) keep the point and halve its step
+            worse = new > old
+            if bool(worse.any()):
+                bb = torch.where(worse, bb, trial)
+                rr = torch.where(worse, rr, trial_r)
+                damping = torch.where(worse, damping * 0.5, torch.clamp(damping * 2.0, max=1.0))
+            else:
+                bb, rr = trial, trial_r
+                damping.clamp_(max=0.5).mul_(2.0)  # back to full steps (frozen points stay at 0)
+            slow = new > _SLOW * old  # this step shrank the residual by less than the factor
+            old = torch.minimum(new, old)
+            del step, trial, trial_r, new
+            done += 1
+            # stalled points (step halved to nothing) stop as converged ones do
+            keep = (old > tolerance2) & (damping > 1e-3)
+            left = int(keep.sum())
+            if done >= iterations or left == 0:
+                break
+            if left < _COMPACT * keep.numel():
+                norm2.index_copy_(0, active, old)
+                slab_b.index_copy_(0, active, bb.T)
+                index = torch.nonzero(keep).squeeze(1)
+                active, gg, old = active.index_select(0, index), gg.index_select(0, index), old.index_select(0, index)
+                bb, rr, damping = bb.index_select(1, index), rr.index_select(1, index), damping.index_select(0, index)
+                step_matrix, slow = step_matrix.index_select(2, index), slow.index_select(0, index)
+            else:
+                damping.mul_(keep)  # converged points stay where they are
+            if precondition.relinearizes and done % RELINEARIZE_EVERY == 0:
+                # the start's Jacobian is a poor guide where the start was far off (e.g. after the
+                # full-resolution iterations moved the forward field): where the iteration is
+                # slow, take the current iterate's
+                redo = torch.nonzero(slow & (damping > 0)).squeeze(1)
+                if redo.numel():
+                    slab_b.index_copy_(0, active, bb.T)
+                    step_matrix = step_matrix.contiguous()
+                    step_matrix.index_copy_(2, redo, precondition.at(active.index_select(0, redo) + first))
+        norm2.index_copy_(0, active, old)
+        slab_b.index_copy_(0, active, bb.T)
+    norm = norm2[inside].sqrt_()
+    total.iterations = max(total.iterations, done)
+    if norm.numel():
+        total.sum += float(norm.double().sum())
+        total.max = max(total.max, float(norm.max()))
+        total.count += int(norm.numel())
+
+
+def _central_difference(b: torch.Tensor, dim: int, z_range: tuple[int, int]) -> torch.Tensor:
+    """∂b/∂(index along ``dim`` of (z, y, x)) at z-rows ``z_range`` of ``b`` (z, y, x, 3): central
+    differences, one-sided at the grid's faces (rows outside the range serve as neighbours);
+    -> planar (3, N) in the rows' flat order."""
+    z0, z1 = z_range
+    n = b.shape[dim]
+    out = torch.empty(3, z1 - z0, *b.shape[1:3])
+    view = out.permute(1, 2, 3, 0)  # (z, y, x, 3) view of the planar result
+    if dim == 0:
+        # rows z0-1 .. z1 where the grid has them; interior rows central, the faces one-sided
+        lo = max(z0 - 1, 0)
+        ext = b[lo:min(z1 + 1, n)]
+        first, last = max(z0, 1), min(z1, n - 1)
+        if last > first:
+            torch.sub(ext[first + 1 - lo:last + 1 - lo], ext[first - 1 - lo:last - 1 - lo],
+                      out=view[first - z0:last - z0]).mul_(0.5)
+        if z0 == 0:
+            torch.sub(ext[1], ext[0], out=view[0])
+        if z1 == n:
+            torch.sub(ext[n - 1 - lo], ext[n - 2 - lo], out=view[n - 1 - z0])
+        return out.view(3, -1)
+    slab = b[z0:z1]
+    if n > 2:
+        torch.sub(slab.narrow(dim, 2, n - 2), slab.narrow(dim, 0, n - 2), out=view.narrow(dim, 1, n - 2))
+        view.narrow(dim, 1, n - 2).mul_(0.5)
+    torch.sub(slab.narrow(dim, 1, 1), slab.narrow(dim, 0, 1), out=view.narrow(dim, 0, 1))
+    torch.sub(slab.narrow(dim, n - 1, 1), slab.narrow(dim, n - 2, 1), out=view.narrow(dim, n - 1, 1))
+    return out.view(3, -1)
+
+
+def _squared_norm(planar: torch.Tensor) -> torch.Tensor:
+    """|v|² of planar (3, N) vectors; -> (N,)."""
+    return torch.addcmul(torch.addcmul(planar[0] * planar[0], planar[1], planar[1]), planar[2], planar[2])
+
+
+def _apply(matrix: torch.Tensor, planar: torch.Tensor) -> torch.Tensor:
+    """Per-point ``matrix @ v`` for (3, 3, N) matrices and planar (3, N) vectors; -> (3, N)."""
+    out = matrix[:, 0] * planar[0]
+    out.addcmul_(matrix[:, 1], planar[1]).addcmul_(matrix[:, 2], planar[2])
+    return out
+
+
 def _sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples (N, 3) of the (1, 3, D, H, W) ``volume`` at (N, 3) grid_sample coordinates."""
+    """Trilinear samples, planar (3, N), of the (1, 3, D, H, W) ``volume`` at (N, 3) grid_sample coordinates."""
     return F.grid_sample(volume, grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
-                         align_corners=True)[0, :, 0, 0].T
-
-
-def _jacobian_at(displacement: torch.Tensor, geometry: Geometry, flat: torch.Tensor) -> torch.Tensor:
-    """I + ∂d/∂p of a (z, y, x, 3) physical field at the voxels with flat indices ``flat``, by
-    central differences (one-sided at the grid's faces); -> (N, 3, 3), [a, c] = ∂(p + d)_a / ∂p_c."""
-    columns = []
-    for dim in (2, 1, 0):  # index x, y, z
-        n = displacement.shape[dim]
-        if n < 2:
-            columns.append(torch.zeros(flat.numel(), 3))
-            continue
-        g = torch.empty_like(displacement)
-        if n > 2:
-            torch.sub(displacement.narrow(dim, 2, n - 2), displacement.narrow(dim, 0, n - 2),
-                      out=g.narrow(dim, 1, n - 2)).mul_(0.5)
-        torch.sub(displacement.narrow(dim, 1, 1), displacement.narrow(dim, 0, 1), out=g.narrow(dim, 0, 1))
-        torch.sub(displacement.narrow(dim, n - 1, 1), displacement.narrow(dim, n - 2, 1), out=g.narrow(dim, n - 1, 1))
-        columns.append(g.view(-1, 3).index_select(0, flat))
-        del g
-    grad = torch.stack(columns, dim=2)  # [a, b] = ∂d_a / ∂index_b
-    inverse = torch.as_tensor(np.linalg.inv(geometry.index_to_physical), dtype=torch.float32)
-    return (grad @ inverse).add_(torch.eye(3))
-
-
-def _residual(volume: torch.Tensor, g0: torch.Tensor, b: torch.Tensor, k: np.ndarray,
-              active: torch.Tensor) -> torch.Tensor:
-    """|φ(q + b(q)) - q| (mm) at the flat indices ``active``; -> (N,)."""
-    bb, gg = b[active], g0[active]
-    return torch.linalg.vector_norm(bb + _sample(volume, gg + _times_transpose(bb, k)), dim=1)
+                         align_corners=True)[0, :, 0, 0]
