@@ -152,19 +152,18 @@ class _Preconditioner:
         n = (z1 - z0) * b.shape[1] * b.shape[2]
         if self.constant is not None:
             return self.constant.reshape(3, 3, 1).expand(3, 3, n)
-        jac = torch.zeros(3, 3, n)
         nz, ny, nx = b.shape[:3]
+        grad = torch.empty(3, 3, n)  # [c, a] = ∂b_a / ∂index_c
         for c, dim, size in ((0, 2, nx), (1, 1, ny), (2, 0, nz)):  # index x, y, z
             if size < 2:
-                continue
-            grad = _central_difference(b, dim, z_range)  # (3, N)
-            for e in range(3):
-                if self.inverse[c, e] != 0:
-                    jac[:, e].add_(grad, alpha=float(self.inverse[c, e]))
-        jac[0, 0] += 1.0
-        jac[1, 1] += 1.0
-        jac[2, 2] += 1.0
-        return jac
+                grad[c].zero_()
+            else:
+                _central_difference(b, dim, z_range, out=grad[c])
+        # [e, a] = Σ_c (M^-1)_ce ∂b_a/∂index_c = ∂b_a/∂p_e: one small matrix product, plus I
+        jac = torch.mm(self.inverse.T.contiguous(), grad.view(3, -1)).view(3, 3, n)
+        for a in range(3):
+            jac[a, a] += 1.0
+        return jac.permute(1, 0, 2)
 
     def at(self, flat: torch.Tensor) -> torch.Tensor:
         """(3, 3, N) step matrices at the flat voxel indices ``flat`` (N,)."""
@@ -297,14 +296,13 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
         total.count += int(norm.numel())
 
 
-def _central_difference(b: torch.Tensor, dim: int, z_range: tuple[int, int]) -> torch.Tensor:
-    """∂b/∂(index along ``dim`` of (z, y, x)) at z-rows ``z_range`` of ``b`` (z, y, x, 3): central
-    differences, one-sided at the grid's faces (rows outside the range serve as neighbours);
-    -> planar (3, N) in the rows' flat order."""
+def _central_difference(b: torch.Tensor, dim: int, z_range: tuple[int, int], out: torch.Tensor) -> None:
+    """∂b/∂(index along ``dim`` of (z, y, x)) at z-rows ``z_range`` of ``b`` (z, y, x, 3) into
+    ``out``, planar (3, N) in the rows' flat order: central differences, one-sided at the grid's
+    faces (rows outside the range serve as neighbours)."""
     z0, z1 = z_range
     n = b.shape[dim]
-    out = torch.empty(3, z1 - z0, *b.shape[1:3])
-    view = out.permute(1, 2, 3, 0)  # (z, y, x, 3) view of the planar result
+    view = out.view(3, z1 - z0, *b.shape[1:3]).permute(1, 2, 3, 0)  # (z, y, x, 3) view of it
     if dim == 0:
         # rows z0-1 .. z1 where the grid has them; interior rows central, the faces one-sided
         lo = max(z0 - 1, 0)
@@ -317,14 +315,13 @@ def _central_difference(b: torch.Tensor, dim: int, z_range: tuple[int, int]) -> 
             torch.sub(ext[1], ext[0], out=view[0])
         if z1 == n:
             torch.sub(ext[n - 1 - lo], ext[n - 2 - lo], out=view[n - 1 - z0])
-        return out.view(3, -1)
+        return
     slab = b[z0:z1]
     if n > 2:
         torch.sub(slab.narrow(dim, 2, n - 2), slab.narrow(dim, 0, n - 2), out=view.narrow(dim, 1, n - 2))
         view.narrow(dim, 1, n - 2).mul_(0.5)
     torch.sub(slab.narrow(dim, 1, 1), slab.narrow(dim, 0, 1), out=view.narrow(dim, 0, 1))
     torch.sub(slab.narrow(dim, n - 1, 1), slab.narrow(dim, n - 2, 1), out=view.narrow(dim, n - 1, 1))
-    return out.view(3, -1)
 
 
 def _squared_norm(planar: torch.Tensor) -> torch.Tensor:
