@@ -98,13 +98,14 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
         # strongly (det 0.1 .. 4 on brains) and the plain fixed point b = -f(q + b) diverges.
         precondition = _Preconditioner(b, moving_geometry, None)
     k_t = torch.as_tensor(k, dtype=torch.float32)
+    newton = _ForwardNewton(volume, fixed_geometry)
     total = _Totals()
     nx, ny, nz = moving_geometry.size
     rows = max(1, _SLAB // max(nx * ny, 1))
     for z0 in range(0, nz, rows):
         z1 = min(nz, z0 + rows)
         g0 = index_affine(moving_geometry, grid_matrix, grid_offset, z_range=(z0, z1)).view(-1, 3)
-        _invert_slab(volume, b, (z0, z1), g0, k_t, precondition, tolerance, iterations, total)
+        _invert_slab(volume, b, (z0, z1), g0, k_t, precondition, newton, tolerance, iterations, total)
     stats = InverseStats(total.iterations, total.sum / total.count if total.count else 0.0,
                          total.max, 1.0 - total.count / max(b.numel() // 3, 1))
     return b.numpy(), stats
@@ -114,6 +115,10 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
 _SLAB = 2_000_000
 #: the first step is taken on the whole slab when more than this fraction of it still iterates
 _DENSE_FRACTION = 0.3
+#: below this fraction of the slab still iterating, slow points get Newton steps every iteration
+_NEWTON_BELOW = 0.05
+#: half-width of the forward field's central differences for Newton steps, in fixed voxels
+_NEWTON_H = 0.25
 #: the iterating set is compacted when fewer than this fraction of it are left
 _COMPACT = 0.6
 #: a step that leaves more than this fraction of the squared residual marks a slow point, whose
@@ -189,9 +194,35 @@ class _Preconditioner:
         return jac
 
 
+class _ForwardNewton:
+    """Newton step matrices (∂φ/∂x)^-1 at points x given in grid_sample coordinates of the fixed
+    grid: the forward field's Jacobian by central differences of its trilinear samples a
+    quarter voxel either side along each fixed-grid axis."""
+
+    def __init__(self, volume: torch.Tensor, fixed_geometry: Geometry):
+        self.volume = volume
+        nx, ny, nz = fixed_geometry.size
+        self.offsets = torch.zeros(3, 3)
+        for c, size in enumerate((nx, ny, nz)):
+            self.offsets[c, c] = 2.0 / max(size - 1, 1) * _NEWTON_H
+        self.inverse = torch.as_tensor(np.linalg.inv(fixed_geometry.index_to_physical), dtype=torch.float32)
+
+    def __call__(self, grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(matrices, ok)``: (3, 3, N) inverse Jacobians at the (N, 3) ``grid`` points and (N,)
+        bool: where ∂φ/∂x has a positive determinant (elsewhere the matrices are meaningless)."""
+        n = grid.shape[0]
+        points = torch.cat([grid + self.offsets[c] for c in range(3)] + [grid - self.offsets[c] for c in range(3)])
+        values = _sample(self.volume, points).view(3, 2, 3, n)  # [a, sign, c, n]
+        grad = (values[:, 0] - values[:, 1]).permute(2, 0, 1) / (2.0 * _NEWTON_H)  # (N, a, c) = ∂f_a/∂index_c
+        jacobian = grad @ self.inverse + torch.eye(3)  # ∂φ_a/∂x_e
+        ok = torch.linalg.det(jacobian) > 0
+        jacobian[~ok] = torch.eye(3)
+        return torch.linalg.inv(jacobian).permute(1, 2, 0), ok
+
+
 def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int], g0: torch.Tensor,
-                 k: torch.Tensor, precondition: _Preconditioner, tolerance: float, iterations: int,
-                 total: _Totals) -> None:
+                 k: torch.Tensor, precondition: _Preconditioner, newton_matrices, tolerance: float,
+                 iterations: int, total: _Totals) -> None:
     """Invert the moving voxels of z-rows ``z_range`` of ``b`` ((z, y, x, 3)) in place.
 
     ``g0`` (N, 3): their own grid_sample coordinates in the fixed grid; ``k`` (3, 3): mm to
@@ -201,6 +232,7 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
     """
     z0, z1 = z_range
     slab_b = b[z0:z1].view(-1, 3)
+    n = slab_b.shape[0]
     first = z0 * b.shape[1] * b.shape[2]
     grid = torch.addmm(g0, slab_b, k.T)
     # points whose start maps outside the fixed grid keep it: the forward field says nothing
@@ -277,15 +309,21 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
                 step_matrix, slow = step_matrix.index_select(2, index), slow.index_select(0, index)
             else:
                 damping.mul_(keep)  # converged points stay where they are
-            if precondition.relinearizes and done % RELINEARIZE_EVERY == 0:
-                # the start's Jacobian is a poor guide where the start was far off (e.g. after the
-                # full-resolution iterations moved the forward field): where the iteration is
-                # slow, take the current iterate's
-                redo = torch.nonzero(slow & (damping > 0)).squeeze(1)
+            # where the iteration is slow (the start's Jacobian is a poor guide where the start
+            # was far off, e.g. after the full-resolution iterations moved the forward field, or
+            # where the forward field is rough) take Newton steps: the forward map's own Jacobian
+            # at the current point, inverted; at once where the steps had to be cut back
+            trouble = (damping > 0) & (damping < 0.2)
+            if done % RELINEARIZE_EVERY == 0 or active.numel() < _NEWTON_BELOW * n:
+                trouble |= slow & (damping > 0)
+            if bool(trouble.any()):
+                redo = torch.nonzero(trouble).squeeze(1)
                 if redo.numel():
-                    slab_b.index_copy_(0, active, bb.T)
                     step_matrix = step_matrix.contiguous()
-                    step_matrix.index_copy_(2, redo, precondition.at(active.index_select(0, redo) + first))
+                    newton, ok = newton_matrices(torch.addmm(gg.index_select(0, redo), bb.index_select(1, redo).T, k.T))
+                    redo, newton = redo[ok], newton[:, :, ok]
+                    step_matrix.index_copy_(2, redo, newton)
+                    damping.index_fill_(0, redo, 1.0)
         norm2.index_copy_(0, active, old)
         slab_b.index_copy_(0, active, bb.T)
     norm = norm2[inside].sqrt_()
