@@ -136,8 +136,9 @@ class _Totals:
 
 
 class _Preconditioner:
-    """The per-point 3x3 step matrix, planar ``(3, 3, N)``: a constant (zero start: the affine's
-    inverse) or I + ∂b/∂q of the current backward field at the points (central differences of
+    """The per-point 3x3 step matrix J, stored by columns (``[e, a, n] = J_n[a, e]``, (3, 3, N),
+    so each column is a contiguous planar block): a constant (zero start: the affine's inverse)
+    or I + ∂b/∂q of the current backward field at the points (central differences of
     its six neighbours, one-sided at the grid's faces), gathered for those points only."""
 
     def __init__(self, b: torch.Tensor, geometry: Geometry, constant: torch.Tensor | None):
@@ -156,7 +157,7 @@ class _Preconditioner:
         z0, z1 = z_range
         n = (z1 - z0) * b.shape[1] * b.shape[2]
         if self.constant is not None:
-            return self.constant.reshape(3, 3, 1).expand(3, 3, n)
+            return self.constant.T.reshape(3, 3, 1).expand(3, 3, n)
         nz, ny, nx = b.shape[:3]
         grad = torch.empty(3, 3, n)  # [c, a] = ∂b_a / ∂index_c
         for c, dim, size in ((0, 2, nx), (1, 1, ny), (2, 0, nz)):  # index x, y, z
@@ -164,16 +165,21 @@ class _Preconditioner:
                 grad[c].zero_()
             else:
                 _central_difference(b, dim, z_range, out=grad[c])
-        # [e, a] = Σ_c (M^-1)_ce ∂b_a/∂index_c = ∂b_a/∂p_e: one small matrix product, plus I
-        jac = torch.mm(self.inverse.T.contiguous(), grad.view(3, -1)).view(3, 3, n)
+        # [e, a] = Σ_c (M^-1)_ce ∂b_a/∂index_c = ∂b_a/∂p_e: one small matrix product (a scale
+        # per axis when the grid's axes are the coordinate axes), plus I
+        diagonal = torch.diagonal(self.inverse)
+        if bool((self.inverse == torch.diag(diagonal)).all()):
+            jac = grad.mul_(diagonal.view(3, 1, 1))
+        else:
+            jac = torch.mm(self.inverse.T.contiguous(), grad.view(3, -1)).view(3, 3, n)
         for a in range(3):
             jac[a, a] += 1.0
-        return jac.permute(1, 0, 2)
+        return jac
 
     def at(self, flat: torch.Tensor) -> torch.Tensor:
         """(3, 3, N) step matrices at the flat voxel indices ``flat`` (N,)."""
         if self.constant is not None:
-            return self.constant.reshape(3, 3, 1).expand(3, 3, flat.numel())
+            return self.constant.T.reshape(3, 3, 1).expand(3, 3, flat.numel())
         nx, ny, nz = self.size
         grad = torch.zeros(3, 3, flat.numel())  # [a, c] = ∂b_a / ∂index_c
         stride = 1
@@ -187,7 +193,7 @@ class _Preconditioner:
                 grad[:, c] = (difference / (up + down).unsqueeze(1).float()).T
             stride *= n
         # ∂b_a/∂p_e = Σ_c ∂b_a/∂i_c (M^-1)_ce, plus the identity
-        jac = torch.einsum("acn,ce->aen", grad, self.inverse)
+        jac = torch.einsum("acn,ce->ean", grad, self.inverse)
         jac[0, 0] += 1.0
         jac[1, 1] += 1.0
         jac[2, 2] += 1.0
@@ -217,7 +223,7 @@ class _ForwardNewton:
         jacobian = grad @ self.inverse + torch.eye(3)  # ∂φ_a/∂x_e
         ok = torch.linalg.det(jacobian) > 0
         jacobian[~ok] = torch.eye(3)
-        return torch.linalg.inv(jacobian).permute(1, 2, 0), ok
+        return torch.linalg.inv(jacobian).permute(2, 1, 0), ok
 
 
 def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int], g0: torch.Tensor,
@@ -234,7 +240,7 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
     slab_b = b[z0:z1].view(-1, 3)
     n = slab_b.shape[0]
     first = z0 * b.shape[1] * b.shape[2]
-    grid = torch.addmm(g0, slab_b, k.T)
+    grid = _to_grid(g0, slab_b, k)
     # points whose start maps outside the fixed grid keep it: the forward field says nothing
     # about the map there (its border extension is not the affine), the starting field does
     inside = (grid.abs() <= 1.0).all(dim=1)
@@ -252,7 +258,7 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
         step = _apply(dense_matrix, rr).mul_(moving)
         trial = bb - step
         del step
-        trial_r = _sample(volume, torch.addmm(g0, trial.T, k.T)).add_(trial)
+        trial_r = _sample(volume, _to_grid(g0, trial.T, k)).add_(trial)
         new = _squared_norm(trial_r)
         better = new <= norm2
         bb = torch.where(better, trial, bb)
@@ -279,7 +285,7 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
         while True:
             step = _apply(step_matrix, rr).mul_(damping)
             trial = bb - step
-            trial_r = _sample(volume, torch.addmm(gg, trial.T, k.T)).add_(trial)
+            trial_r = _sample(volume, _to_grid(gg, trial.T, k)).add_(trial)
             new = _squared_norm(trial_r)
             # backtracking: where the residual grew (the preconditioner is off, e.g. when the
             # start is far from the answer) keep the point and halve its step
@@ -320,7 +326,7 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
                 redo = torch.nonzero(trouble).squeeze(1)
                 if redo.numel():
                     step_matrix = step_matrix.contiguous()
-                    newton, ok = newton_matrices(torch.addmm(gg.index_select(0, redo), bb.index_select(1, redo).T, k.T))
+                    newton, ok = newton_matrices(_to_grid(gg.index_select(0, redo), bb.index_select(1, redo).T, k))
                     redo, newton = redo[ok], newton[:, :, ok]
                     step_matrix.index_copy_(2, redo, newton)
                     damping.index_fill_(0, redo, 1.0)
@@ -362,15 +368,26 @@ def _central_difference(b: torch.Tensor, dim: int, z_range: tuple[int, int], out
     torch.sub(slab.narrow(dim, n - 1, 1), slab.narrow(dim, n - 2, 1), out=view.narrow(dim, n - 1, 1))
 
 
+def _to_grid(base: torch.Tensor, displacement: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``base + displacement @ k.T`` for (N, 3) rows (``displacement`` may be a transposed planar
+    array): grid_sample coordinates of q + b. A per-component scale when ``k`` is diagonal (grids
+    whose axes are the coordinate axes up to flips), four times faster than the matrix product."""
+    diagonal = torch.diagonal(k)
+    if bool((k == torch.diag(diagonal)).all()):
+        return torch.addcmul(base, displacement, diagonal)
+    return torch.addmm(base, displacement, k.T)
+
+
 def _squared_norm(planar: torch.Tensor) -> torch.Tensor:
     """|v|² of planar (3, N) vectors; -> (N,)."""
     return torch.addcmul(torch.addcmul(planar[0] * planar[0], planar[1], planar[1]), planar[2], planar[2])
 
 
 def _apply(matrix: torch.Tensor, planar: torch.Tensor) -> torch.Tensor:
-    """Per-point ``matrix @ v`` for (3, 3, N) matrices and planar (3, N) vectors; -> (3, N)."""
-    out = matrix[:, 0] * planar[0]
-    out.addcmul_(matrix[:, 1], planar[1]).addcmul_(matrix[:, 2], planar[2])
+    """Per-point ``J @ v`` for step matrices stored by columns, ``matrix[e, a] = J[a, e]``
+    (3, 3, N), and planar (3, N) vectors; -> (3, N). Each column is a contiguous (3, N) block."""
+    out = matrix[0] * planar[0]
+    out.addcmul_(matrix[1], planar[1]).addcmul_(matrix[2], planar[2])
     return out
 
 
