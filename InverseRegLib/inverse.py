@@ -77,7 +77,9 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
     if tuple(f.shape) != (*fixed_geometry.array_shape, 3):
         raise ValueError(f"forward field shape {tuple(f.shape)} does not match the fixed grid "
                          f"{(*fixed_geometry.array_shape, 3)}")
-    volume = f.permute(3, 0, 1, 2)[None].contiguous()  # (1, 3, D, H, W) for grid_sample
+    # (1, 3, D, H, W) for grid_sample as a channels-last view: the same samples at the same speed
+    # as a contiguous copy, without the copy (0.6 GB on a 400x400x300 fixed grid)
+    volume = f.permute(3, 0, 1, 2)[None]
     shape = (*moving_geometry.array_shape, 3)
     if initial is None:
         b = torch.zeros(shape, dtype=torch.float32)
