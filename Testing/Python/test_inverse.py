@@ -166,3 +166,21 @@ def test_slab_wise_inversion_matches_one_slab(monkeypatch):
     assert np.abs(slabs - whole).max() < 2e-3
     error = composed_error(field_to_image(slabs.astype(np.float64), MOVING), field_to_image(forward, FIXED))
     assert error[central_mask(MOVING)].max() < 2e-3
+
+
+def test_newton_steps_on_an_oblique_anisotropic_fixed_grid():
+    """The Newton steps read the forward field's Jacobian along the fixed grid's own axes and
+    take it to physical axes: with an oblique, anisotropic fixed grid and the strong local
+    stretch of the test above (the plain fixed point diverges there), a zero start converges
+    within 10 iterations (9 here; 13 with the Jacobian left on the grid's index axes) to < 2e-3 mm
+    at every moving voxel that maps inside the fixed grid, and SimpleITK's
+    composition finds < 2e-3 mm over the central region; the moving grid axis-aligned."""
+    fixed = oblique_geometry((44, 40, 42), (1.1, 0.9, 1.2), axis=(1.0, 2.0, 0.5), degrees=25.0, center=(0.0, 0.0, 0.0))
+    moving = centered_grid((34, 34, 34), (1.0, 1.0, 1.0), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0), (0.0, 0.0, 0.0))
+    p = fixed.physical_points()
+    strong = np.zeros_like(p)
+    strong[..., 0] = 1.5 * p[..., 0] * np.exp(-(p ** 2).sum(-1) / (2 * 5.0 ** 2))
+    backward, stats = invert_field(strong, fixed, moving, iterations=10)
+    assert stats.residual_max_mm < 2e-3
+    error = composed_error(field_to_image(backward.astype(np.float64), moving), field_to_image(strong, fixed))
+    assert error[central_mask(moving, 15.0)].max() < 2e-3
