@@ -163,20 +163,30 @@ class _Preconditioner:
     def relinearizes(self) -> bool:
         return self.constant is None
 
-    def dense(self, b: torch.Tensor, z_range: tuple[int, int]) -> torch.Tensor:
+    def dense(self, b: torch.Tensor, z_range: tuple[int, int], planar: torch.Tensor) -> torch.Tensor:
         """(3, 3, N) step matrices at every voxel of z-rows ``z_range`` of ``b`` (z, y, x, 3), in
-        their flat order; the same central differences as :meth:`at`, by whole-array slices."""
+        their flat order; the same central differences as :meth:`at`, by whole-array slices of
+        ``planar``, those rows of ``b`` as a planar (3, N) copy (contiguous reads and writes)."""
         z0, z1 = z_range
         n = (z1 - z0) * b.shape[1] * b.shape[2]
         if self.constant is not None:
             return self.constant.T.reshape(3, 3, 1).expand(3, 3, n)
         nz, ny, nx = b.shape[:3]
+        rows = planar.view(3, z1 - z0, ny, nx)
         grad = torch.empty(3, 3, n)  # [c, a] = ∂b_a / ∂index_c
-        for c, dim, size in ((0, 2, nx), (1, 1, ny), (2, 0, nz)):  # index x, y, z
+        out = grad.view(3, 3, z1 - z0, ny, nx)
+        for c, dim, size in ((0, 3, nx), (1, 2, ny)):  # index x, y
             if size < 2:
                 grad[c].zero_()
             else:
-                _central_difference(b, dim, z_range, out=grad[c])
+                _central(rows, dim, 0, out[c])
+        if nz < 2:
+            grad[2].zero_()
+        else:
+            # the rows either side of the slab, where the grid has them, as neighbours
+            below = [b[z0 - 1].permute(2, 0, 1)[:, None]] if z0 > 0 else []
+            above = [b[z1].permute(2, 0, 1)[:, None]] if z1 < nz else []
+            _central(torch.cat(below + [rows] + above, dim=1), 1, len(below), out[2])
         # [e, a] = Σ_c (M^-1)_ce ∂b_a/∂index_c = ∂b_a/∂p_e: one small matrix product (a scale
         # per axis when the grid's axes are the coordinate axes), plus I
         diagonal = torch.diagonal(self.inverse)
@@ -266,16 +276,19 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
     count = int(moving.sum())
     if count and iterations > 1 and count > _DENSE_FRACTION * moving.numel():
         # one step on the whole slab; the points that have converged or lie outside take none
-        dense_matrix = precondition.dense(b, z_range)
+        dense_matrix = precondition.dense(b, z_range, bb)
         step = _apply(dense_matrix, rr).mul_(moving)
         trial = bb - step
         del step
         trial_r = _sample(volume, _to_grid(g0, trial.T, k)).add_(trial)
         new = _squared_norm(trial_r)
         better = new <= norm2
-        bb = torch.where(better, trial, bb)
-        rr = torch.where(better, trial_r, rr)
-        norm2 = torch.where(better, new, norm2)
+        if bool(better.all()):  # the usual case: no selection needed
+            bb, rr, norm2 = trial, trial_r, new
+        else:
+            bb = torch.where(better, trial, bb)
+            rr = torch.where(better, trial_r, rr)
+            norm2 = torch.where(better, new, norm2)
         del trial, trial_r, new
         slab_b.copy_(bb.T)
         done = 2
@@ -344,40 +357,28 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
                     damping.index_fill_(0, redo, 1.0)
         norm2.index_copy_(0, active, old)
         slab_b.index_copy_(0, active, bb.T)
-    norm = norm2[inside].sqrt_()
+    norm = norm2.sqrt_().mul_(inside)  # points outside count as 0 and are not counted
     total.iterations = max(total.iterations, done)
-    if norm.numel():
-        total.sum += float(norm.double().sum())
+    count = int(inside.sum())
+    if count:
+        total.sum += float(norm.sum(dtype=torch.float64))
         total.max = max(total.max, float(norm.max()))
-        total.count += int(norm.numel())
+        total.count += count
 
 
-def _central_difference(b: torch.Tensor, dim: int, z_range: tuple[int, int], out: torch.Tensor) -> None:
-    """∂b/∂(index along ``dim`` of (z, y, x)) at z-rows ``z_range`` of ``b`` (z, y, x, 3) into
-    ``out``, planar (3, N) in the rows' flat order: central differences, one-sided at the grid's
-    faces (rows outside the range serve as neighbours)."""
-    z0, z1 = z_range
-    n = b.shape[dim]
-    view = out.view(3, z1 - z0, *b.shape[1:3]).permute(1, 2, 3, 0)  # (z, y, x, 3) view of it
-    if dim == 0:
-        # rows z0-1 .. z1 where the grid has them; interior rows central, the faces one-sided
-        lo = max(z0 - 1, 0)
-        ext = b[lo:min(z1 + 1, n)]
-        first, last = max(z0, 1), min(z1, n - 1)
-        if last > first:
-            torch.sub(ext[first + 1 - lo:last + 1 - lo], ext[first - 1 - lo:last - 1 - lo],
-                      out=view[first - z0:last - z0]).mul_(0.5)
-        if z0 == 0:
-            torch.sub(ext[1], ext[0], out=view[0])
-        if z1 == n:
-            torch.sub(ext[n - 1 - lo], ext[n - 2 - lo], out=view[n - 1 - z0])
-        return
-    slab = b[z0:z1]
-    if n > 2:
-        torch.sub(slab.narrow(dim, 2, n - 2), slab.narrow(dim, 0, n - 2), out=view.narrow(dim, 1, n - 2))
-        view.narrow(dim, 1, n - 2).mul_(0.5)
-    torch.sub(slab.narrow(dim, 1, 1), slab.narrow(dim, 0, 1), out=view.narrow(dim, 0, 1))
-    torch.sub(slab.narrow(dim, n - 1, 1), slab.narrow(dim, n - 2, 1), out=view.narrow(dim, n - 1, 1))
+def _central(source: torch.Tensor, dim: int, start: int, out: torch.Tensor) -> None:
+    """Central differences along ``dim`` of ``source`` at its positions ``start ..
+    start + out.shape[dim] - 1`` into ``out``, one-sided at the ends of ``source`` (which must
+    have at least two positions along ``dim``)."""
+    n, count = source.shape[dim], out.shape[dim]
+    first, last = max(start, 1), min(start + count, n - 1)  # positions with both neighbours
+    if last > first:
+        torch.sub(source.narrow(dim, first + 1, last - first), source.narrow(dim, first - 1, last - first),
+                  out=out.narrow(dim, first - start, last - first)).mul_(0.5)
+    if start == 0:
+        torch.sub(source.narrow(dim, 1, 1), source.narrow(dim, 0, 1), out=out.narrow(dim, 0, 1))
+    if start + count == n:
+        torch.sub(source.narrow(dim, n - 1, 1), source.narrow(dim, n - 2, 1), out=out.narrow(dim, n - 1 - start, 1))
 
 
 def _to_grid(base: torch.Tensor, displacement: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
