@@ -34,7 +34,7 @@ All arrays: (z, y, x, 3) LPS displacements in mm, vector components in (x, y, z)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -118,6 +118,7 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
         z1 = min(nz, z0 + rows)
         g0 = index_affine(moving_geometry, grid_matrix, grid_offset, z_range=(z0, z1)).view(-1, 3)
         _invert_slab(volume, b, (z0, z1), g0, k_t, precondition, newton, tolerance, iterations, total)
+    _rescue(volume, b, moving_geometry, grid_matrix, grid_offset, k_t, newton, total)
     stats = InverseStats(total.iterations, total.sum / total.count if total.count else 0.0,
                          total.max, 1.0 - total.count / max(b.numel() // 3, 1))
     return b.numpy(), stats
@@ -129,6 +130,8 @@ _SLAB = 2_000_000
 _DENSE_FRACTION = 0.3
 #: below this fraction of the slab still iterating, slow points get Newton steps every iteration
 _NEWTON_BELOW = 0.05
+#: Newton steps for the points left unconverged, after their restart from a neighbour's value
+_RESCUE_ITERATIONS = 10
 #: half-width of the forward field's central differences for Newton steps, in fixed voxels
 _NEWTON_H = 0.25
 #: the iterating set is compacted when fewer than this fraction of it are left
@@ -140,11 +143,13 @@ _SLOW = 0.1
 
 @dataclass
 class _Totals:
-    """Statistics summed over slabs."""
+    """Statistics summed over slabs; ``left``: (flat indices, residuals) of the points inside
+    that did not converge, per slab (their residuals are not in ``sum`` and ``max`` yet)."""
     iterations: int = 0
     sum: float = 0.0
     max: float = 0.0
     count: int = 0
+    left: list = field(default_factory=list)
 
 
 class _Preconditioner:
@@ -357,13 +362,62 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
                     damping.index_fill_(0, redo, 1.0)
         norm2.index_copy_(0, active, old)
         slab_b.index_copy_(0, active, bb.T)
-    norm = norm2.sqrt_().mul_(inside)  # points outside count as 0 and are not counted
+    unconverged = inside & (norm2 > tolerance2)
+    norm = norm2.sqrt_()
     total.iterations = max(total.iterations, done)
     count = int(inside.sum())
     if count:
-        total.sum += float(norm.sum(dtype=torch.float64))
-        total.max = max(total.max, float(norm.max()))
+        converged = norm * (inside & ~unconverged)  # the rest: 0 here, counted after the rescue
+        total.sum += float(converged.sum(dtype=torch.float64))
+        total.max = max(total.max, float(converged.max()))
         total.count += count
+    left = torch.nonzero(unconverged).squeeze(1)
+    if left.numel():
+        total.left.append((left + first, norm.index_select(0, left)))
+
+
+def _rescue(volume: torch.Tensor, b: torch.Tensor, geometry: Geometry, grid_matrix: np.ndarray,
+            grid_offset: np.ndarray, k: torch.Tensor, newton_matrices, total: _Totals) -> None:
+    """The points that did not converge, once more: each restarted from the best of its
+    neighbours' values (up to two voxels along each axis; a point stuck in a wrong basin, as
+    after the full-resolution iterations of ``--quality best``, usually has a converged
+    neighbour on the right one), then Newton steps, each kept only where it lowers the residual.
+    Updates ``b`` where the residual fell, and the statistics."""
+    if not total.left:
+        return
+    flat = torch.cat([index for index, _ in total.left])
+    norm2 = torch.cat([norm for _, norm in total.left]).square_()
+    total.left = []
+    flat_b = b.view(-1, 3)
+    nx, ny, nz = geometry.size
+    index = torch.stack([flat.remainder(nx), flat.div(nx, rounding_mode="floor").remainder_(ny),
+                         flat.div(nx * ny, rounding_mode="floor")], dim=1)  # (N, 3): x, y, z
+    g0 = index.float() @ torch.as_tensor(grid_matrix, dtype=torch.float32).T + torch.as_tensor(grid_offset, dtype=torch.float32)
+    best = flat_b.index_select(0, flat).T.contiguous()  # planar (3, N)
+    limits = torch.tensor([nx - 1, ny - 1, nz - 1])
+    strides = torch.tensor([1, nx, nx * ny])
+    for axis in range(3):
+        for shift in (1, -1, 2, -2):
+            moved = index.clone()
+            moved[:, axis] = (moved[:, axis] + shift).clamp_(0, int(limits[axis]))
+            candidate = flat_b.index_select(0, (moved * strides).sum(dim=1)).T.contiguous()
+            value = _squared_norm(_sample(volume, _to_grid(g0, candidate.T, k)).add_(candidate))
+            take = value < norm2
+            best = torch.where(take, candidate, best)
+            norm2 = torch.where(take, value, norm2)
+    for _ in range(_RESCUE_ITERATIONS):
+        grid = _to_grid(g0, best.T, k)
+        residual = _sample(volume, grid).add_(best)
+        matrices, ok = newton_matrices(grid)
+        trial = best - _apply(matrices, residual)
+        value = _squared_norm(_sample(volume, _to_grid(g0, trial.T, k)).add_(trial))
+        take = (value < norm2) & ok
+        best = torch.where(take, trial, best)
+        norm2 = torch.where(take, value, norm2)
+    flat_b.index_copy_(0, flat, best.T)
+    norm = norm2.sqrt_()
+    total.sum += float(norm.sum(dtype=torch.float64))
+    total.max = max(total.max, float(norm.max()))
 
 
 def _central(source: torch.Tensor, dim: int, start: int, out: torch.Tensor) -> None:
