@@ -132,6 +132,8 @@ _DENSE_FRACTION = 0.3
 _NEWTON_BELOW = 0.05
 #: Newton steps for the points left unconverged, after their restart from a neighbour's value
 _RESCUE_ITERATIONS = 10
+#: at most this many of those points (the worst) are restarted
+_RESCUE_MAX = 200_000
 #: half-width of the forward field's central differences for Newton steps, in fixed voxels
 _NEWTON_H = 0.25
 #: the iterating set is compacted when fewer than this fraction of it are left
@@ -306,7 +308,7 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
     else:
         active = torch.nonzero(moving).squeeze(1)
         damping = torch.ones(active.numel())
-        step_matrix = precondition.at(active + first)
+        step_matrix = precondition.at(active + first) if iterations > 1 else None
     if active.numel() and done < iterations:
         # the points still iterating, compacted as they converge
         bb, rr = bb.index_select(1, active), rr.index_select(1, active)
@@ -388,6 +390,15 @@ def _rescue(volume: torch.Tensor, b: torch.Tensor, geometry: Geometry, grid_matr
     flat = torch.cat([index for index, _ in total.left])
     norm2 = torch.cat([norm for _, norm in total.left]).square_()
     total.left = []
+    if flat.numel() > _RESCUE_MAX:
+        # ~80 samples per point: only the worst are worth it when the iteration failed widely
+        worst = torch.topk(norm2, _RESCUE_MAX).indices
+        rest = torch.ones(flat.numel(), dtype=torch.bool)
+        rest[worst] = False
+        kept = norm2[rest].sqrt()
+        total.sum += float(kept.sum(dtype=torch.float64))
+        total.max = max(total.max, float(kept.max()))
+        flat, norm2 = flat[worst], norm2[worst]
     flat_b = b.view(-1, 3)
     nx, ny, nz = geometry.size
     index = torch.stack([flat.remainder(nx), flat.div(nx, rounding_mode="floor").remainder_(ny),
