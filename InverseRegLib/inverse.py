@@ -48,7 +48,7 @@ from .grid import Geometry
 DEFAULT_TOLERANCE_MM = 1e-3
 #: iteration limit: from the network's starting point the brain converges in ~5 (1 mm brains)
 DEFAULT_ITERATIONS = 12
-#: the preconditioner is recomputed from the current iterate every this many iterations
+#: every this many iterations the slow points switch to Newton steps (see :data:`_SLOW`)
 RELINEARIZE_EVERY = 4
 
 
@@ -138,8 +138,8 @@ _RESCUE_MAX = 200_000
 _NEWTON_H = 0.25
 #: the iterating set is compacted when fewer than this fraction of it are left
 _COMPACT = 0.6
-#: a step that leaves more than this fraction of the squared residual marks a slow point, whose
-#: preconditioner is recomputed from the current iterate at the next re-linearisation
+#: a step that leaves more than this fraction of the squared residual marks a slow point, which
+#: takes Newton steps from the next re-linearisation on
 _SLOW = 0.1
 
 
@@ -165,10 +165,6 @@ class _Preconditioner:
         self.size = geometry.size  # (x, y, z)
         self.inverse = torch.as_tensor(np.linalg.inv(geometry.index_to_physical), dtype=torch.float32)
         self.constant = constant
-
-    @property
-    def relinearizes(self) -> bool:
-        return self.constant is None
 
     def dense(self, b: torch.Tensor, z_range: tuple[int, int], planar: torch.Tensor) -> torch.Tensor:
         """(3, 3, N) step matrices at every voxel of z-rows ``z_range`` of ``b`` (z, y, x, 3), in
