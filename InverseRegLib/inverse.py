@@ -18,6 +18,9 @@ Where that iteration is slow or has to cut its steps back (a start far from the 
 the full-resolution iterations of ``--quality best``, or a rough forward field) the point takes
 Newton steps instead: ``P = (∂φ/∂x)^-1`` at its current ``q + b``, the forward field's Jacobian by
 central differences of six trilinear samples. Costly per point, so only for the few points left.
+A final pass takes the points still unconverged (a start in the wrong basin, as after ``best``'s
+iterations: ~0.1 % of the voxels, the source of the backward field's folding) and restarts each
+from its best neighbour's value before more Newton steps.
 
 Cost: every moving voxel's iteration reads the forward field and its own value only, so the grid
 is done in z-slabs (bounded work memory on any grid size). In each slab the first check and the
