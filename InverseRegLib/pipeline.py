@@ -176,6 +176,7 @@ def register(
     label_interpolation: str = "linear",
     quality: str = "fast",
     fullres_settings=None,
+    polish_settings=None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -185,9 +186,12 @@ def register(
     the moving image warped by the fields so far (see :func:`run_network`; None: ``DEFAULT_PASSES``).
     ``precision`` (``auto``, ``float32``, ``bfloat16``): the dtype of the network's convolutions;
     ``auto`` is bfloat16 on CPUs that compute it natively (see :func:`~.device.resolve_precision`).
-    ``quality``: ``fast`` (the network's fields) or ``best`` (then greedy-like iterations at the
-    input's full resolution, warm-started from them: :mod:`InverseRegLib.fullres`; its settings
-    ``fullres_settings``, default :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
+    ``quality``: ``fast`` (the network's fields, then a few NCC iterations on the model grid:
+    :mod:`InverseRegLib.polish`, settings ``polish_settings``, default
+    :data:`~.polish.FAST_SETTINGS`; ``iterations=(0,)`` switches it off) or ``best`` (then
+    greedy-like iterations at the input's full resolution, warm-started from the network's fields:
+    :mod:`InverseRegLib.fullres`; its settings ``fullres_settings``, default
+    :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
     backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share),
@@ -264,6 +268,17 @@ def register(
 
     d_st = voxel_field_to_physical(u_st, geometry)
     d_ts = voxel_field_to_physical(u_ts, geometry)
+    t_polish = 0.0
+    polished = False
+    if quality == "fast":
+        from .polish import FAST_SETTINGS, polish_fields
+        polish = polish_settings or FAST_SETTINGS
+        if sum(polish.iterations) > 0:
+            report_progress(0.6, "model-grid NCC iterations")
+            t0 = time.perf_counter()
+            d_st, d_ts = polish_fields(target, source, d_st, d_ts, geometry, polish, cancel)
+            t_polish = time.perf_counter() - t0
+            polished = True
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
     forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
@@ -339,6 +354,7 @@ def register(
         "ice_moving_p95_mm": ice_moving_p95,
         "quality": quality,
         "seconds_fullres": round(t_fullres, 3),
+        "seconds_polish": round(t_polish, 3),
         "seconds_inverse": round(t_inverse, 3),
         **inverse_stats.as_report(),
     }
