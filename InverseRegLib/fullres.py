@@ -176,7 +176,7 @@ def iterate_ncc(i: torch.Tensor, m: torch.Tensor, field: torch.Tensor, fixed_geo
     """The iterations of :func:`_optimise_level` on normalised images ``i`` (fixed, on
     ``fixed_geometry``) and ``m`` (moving, on ``moving_geometry``), both (1, 1, D, H, W) float32 in
     [0, 1]; ``field`` (z, y, x, 3) LPS mm on the fixed grid. ``on_update(u)``, if given, hears each
-    composed update ``u`` (z, y, x, 3, mm) before the field's smoothing (e.g. to track the inverse)."""
+    composed update ``u`` (1, 3, D, H, W, mm) before the field's smoothing (e.g. to track the inverse)."""
     k_moving = _to_normalized(moving_geometry)
     base_moving = index_affine(fixed_geometry, k_moving @ fixed_geometry.index_to_physical,
                                k_moving @ (np.asarray(fixed_geometry.origin) - np.asarray(moving_geometry.origin)) - 1.0)
@@ -229,7 +229,7 @@ def iterate_ncc(i: torch.Tensor, m: torch.Tensor, field: torch.Tensor, fixed_geo
                                   mode="bilinear", padding_mode="border", align_corners=True)
             field_cf = moved.add_(update_cf)
             if on_update is not None:
-                on_update(update)
+                on_update(update_cf)
             del update, update_cf, moved
         del force, norm
         field_cf = gaussian_smooth(field_cf, settings.sigma_field)

@@ -8,7 +8,7 @@ field, the field smoothed) fit what the network left of this pair at a fraction 
 image grids. Composition keeps the network's fold-free field fold-free (see :mod:`~.fullres`).
 
 The backward field is carried along to first order: each composed update ``φ ← φ ∘ (id + u)``
-turns the inverse into ``(id + u)⁻¹ ∘ φ⁻¹``, with ``(id + u)⁻¹(y) ≈ y − u(y − u(y))``. It is only the
+turns the inverse into ``(id + u)⁻¹ ∘ φ⁻¹``, with ``(id + u)⁻¹(y) ≈ y − u(y)``. It is only the
 starting point of the exact inverse (:mod:`InverseRegLib.inverse`), which the pipeline computes
 from the written forward field as before.
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .fields import physical_points, sample_grid
+import torch.nn.functional as F
+
+from .fields import _times_transpose, _to_normalized, index_affine
 from .fullres import FullResSettings, iterate_ncc
 from .grid import Geometry
 
@@ -70,17 +72,18 @@ def polish_fields(target: np.ndarray, source: np.ndarray, d_st: torch.Tensor, d_
     i = torch.from_numpy(np.ascontiguousarray(target[box], dtype=np.float32))[None, None]
     m = torch.from_numpy(np.ascontiguousarray(source, dtype=np.float32))[None, None]
     field = d_st[0, :, box[0], box[1], box[2]].permute(1, 2, 3, 0).contiguous()
-    # φTS as points of the moving frame (z, y, x, 3) on the whole model grid, updated per step
-    sample_points = physical_points(geometry)
+    # φTS on the whole model grid (z, y, x, 3); each update u (on the cropped grid) is sampled at
+    # φ⁻¹(q) = q + b(q): b ← b − u(q + b), the first order of (id + u)⁻¹ ∘ φ⁻¹ (|u| ≤ step)
+    k = _to_normalized(cropped)
+    base = index_affine(geometry, k @ geometry.index_to_physical,
+                        k @ (np.asarray(geometry.origin) - np.asarray(cropped.origin)) - 1.0)
     back = d_ts[0].permute(1, 2, 3, 0).contiguous()
 
     def track(update: torch.Tensor) -> None:
         nonlocal back
-        volume = update.permute(3, 0, 1, 2)[None].contiguous()
-        y = sample_points + back  # φ⁻¹(q): a point of the fixed frame
-        # (id + u)⁻¹(y) - y ≈ -u(y - u(y)); outside the box u is 0 (zeros padding)
-        first = sample_grid(volume, cropped, y, padding_mode="zeros")
-        back = back - sample_grid(volume, cropped, y - first, padding_mode="zeros")
+        grid = base + _times_transpose(back, k)
+        moved = F.grid_sample(update, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+        back = back.sub_(moved[0].permute(1, 2, 3, 0))
 
     field = iterate_ncc(i, m, field, cropped, geometry, iterations, settings, cancel=cancel, on_update=track)
     out_st = d_st.clone()
