@@ -113,11 +113,17 @@ def main() -> None:
             from InverseRegLib.fields import image_to_field, folding_percent, jacobian_determinant
             written, grid = image_to_field(result.forward)
             folding_image = folding_percent(jacobian_determinant(written, grid))
+            written, grid = image_to_field(result.backward)
+            folding_image_bwd = folding_percent(jacobian_determinant(written, grid))
+            del written
             row = {"pair": pair, "setting": name, "quality": r["quality"],
                    "dice_fwd": r["dice_mean"], "dice_bwd": r["dice_mean_backward"],
                    "dice": 0.5 * (r["dice_mean"] + r["dice_mean_backward"]),
                    "folding_fwd": r["folding_percent_forward"], "folding_bwd": r["folding_percent_backward"],
                    "folding_on": r["folding_measured_on"], "folding_fwd_image_grid": folding_image,
+                   "folding_bwd_image_grid": folding_image_bwd,
+                   "folding_fwd_foreground": r["folding_percent_forward_foreground"],
+                   "folding_bwd_foreground": r["folding_percent_backward_foreground"],
                    "ice_mean_mm": r["ice_mean_mm"], "ice_moving_mean_mm": r["ice_moving_mean_mm"],
                    "seconds_polish": r.get("seconds_polish"), "seconds_fullres": r["seconds_fullres"],
                    "seconds_inverse": r["seconds_inverse"], "seconds_total": r["seconds_total"],
@@ -126,7 +132,7 @@ def main() -> None:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(f"{pair} {name}: Dice {row['dice_fwd']:.4f}/{row['dice_bwd']:.4f} folding "
-                  f"{row['folding_fwd']:.4f}/{row['folding_bwd']:.4f} (fwd on image grid {folding_image:.4f}) polish {row['seconds_polish']} "
+                  f"{row['folding_fwd']:.4f}/{row['folding_bwd']:.4f} (image grids {folding_image:.4f}/{folding_image_bwd:.4f}) polish {row['seconds_polish']} "
                   f"fullres {row['seconds_fullres']} total {row['seconds_total']} load {row['load']:.1f}", flush=True)
 
 
