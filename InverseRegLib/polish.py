@@ -28,6 +28,9 @@ from .grid import Geometry
 #: the default's model-grid stage; chosen on the training pairs of the model card's protocol
 FAST_SETTINGS = FullResSettings(iterations=(5,), radius=2, sigma_update=1.5, sigma_field=0.5, step=0.5)
 
+#: the stage switched off (``register(polish_settings=NETWORK_ONLY)``: the network's own fields)
+NETWORK_ONLY = FullResSettings(iterations=(0,))
+
 #: voxels of margin kept around the fixed image's foreground (where the force is not zero)
 _MARGIN = 4
 

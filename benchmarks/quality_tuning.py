@@ -80,24 +80,38 @@ def cached(cache: Path):
     return state
 
 
-def summary(path: str) -> None:
+def summary(path: str, base_path: str | None = None) -> None:
     """Per setting: pairs, mean Dice (both ways), gain over ``none`` on the same pairs, worst
-    folding (image grids), median seconds of the stage and of the whole call."""
+    folding on the image grids (backward: all voxels / 3 voxels inside the faces), mean ICE in both
+    orders, median seconds of the stage and of the whole call, and their ratio to greedy's median
+    when greedy ran in the same file. ``base_path``: where the ``none`` rows are, if elsewhere."""
     rows = [json.loads(line) for line in open(path)]
-    base = {r["pair"]: r["dice"] for r in rows if r["setting"] == "none"}
+    base_rows = [json.loads(line) for line in open(base_path)] if base_path else rows
+    base = {r["pair"]: r["dice"] for r in base_rows if r["setting"] == "none"}
+    greedy = [r["seconds_total"] for r in rows if r["quality"] == "greedy"]
     names = list(dict.fromkeys(r["setting"] for r in rows))
-    print("| setting | pairs | Dice fwd | Dice bwd | mean | gain over network alone | folding % fwd / bwd (image grids, worst pair) | stage s (median) | register s (median) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| setting | pairs | Dice fwd | Dice bwd | mean | gain over network alone | folding % fwd / bwd / bwd inside (image grids, worst pair) "
+          "| ICE mean mm, fixed / moving order | stage s (median) | register s (median) | ÷ greedy |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+
+    def worst(group, key, fallback=None):
+        values = [r.get(key, r.get(fallback) if fallback else None) for r in group]
+        values = [v for v in values if v is not None]
+        return f"{max(values):.4f}" if values else "n/a"
+
     for name in names:
         group = [r for r in rows if r["setting"] == name]
         gain = [r["dice"] - base[r["pair"]] for r in group if r["pair"] in base]
         stage = [r["seconds_polish"] + r["seconds_fullres"] for r in group]
+        total = float(np.median([r["seconds_total"] for r in group]))
+        ratio = f"{total / float(np.median(greedy)):.2f}" if greedy else ""
         print(f"| {name} | {len(group)} | {np.mean([r['dice_fwd'] for r in group]):.4f} | "
               f"{np.mean([r['dice_bwd'] for r in group]):.4f} | {np.mean([r['dice'] for r in group]):.4f} | "
               f"{np.mean(gain) if gain else float('nan'):+.4f} | "
-              f"{max(r.get('folding_fwd_image_grid', r['folding_fwd']) for r in group):.4f} / "
-              f"{max(r.get('folding_bwd_image_grid', r['folding_bwd']) for r in group):.4f} | "
-              f"{np.median(stage):.2f} | {np.median([r['seconds_total'] for r in group]):.1f} |")
+              f"{worst(group, 'folding_fwd_image_grid')} / {worst(group, 'folding_bwd_image_grid')} / "
+              f"{worst(group, 'folding_bwd_image_grid_interior')} | "
+              f"{np.mean([r['ice_mean_mm'] for r in group]):.4f} / {np.mean([r['ice_moving_mean_mm'] for r in group]):.4f} | "
+              f"{np.median(stage):.1f} | {total:.1f} | {ratio} |")
 
 
 def run_greedy(spec: str, fixed_path: Path, moving_path: Path, fixed_seg, moving_seg, threads: int) -> dict:
@@ -137,8 +151,8 @@ def run_greedy(spec: str, fixed_path: Path, moving_path: Path, fixed_seg, moving
 
 
 def main() -> None:
-    if len(os.sys.argv) == 3 and os.sys.argv[1] == "--summary":
-        summary(os.sys.argv[2])
+    if len(os.sys.argv) in (3, 4) and os.sys.argv[1] == "--summary":
+        summary(*os.sys.argv[2:])  # FILE [FILE WITH THE 'none' ROWS]
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True)
