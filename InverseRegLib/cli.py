@@ -421,13 +421,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="network passes, each on the moving image warped so far (default: the library's)")
         p.add_argument("--labels", help="labels to evaluate: all (default), freesurfer, or a list like 2,3,41")
         p.add_argument("--quality", choices=["fast", "best"], default="fast",
-                       help="fast: the network's fields (default); best: then greedy-like iterations at the "
-                            "input's full resolution (slower, more accurate)")
+                       help="fast: the network's fields and a few NCC iterations on its 2 mm grid (default); "
+                            "best: then greedy-like iterations at the input's full resolution (slower, "
+                            "more accurate)")
 
     p = sub.add_parser("register", help="register a pair; writes forward/backward fields, warped images, report")
     p.add_argument("--polish", type=int, metavar="N",
-                   help="NCC iterations on the network's 2 mm grid after it (default: the library's, 5 with "
-                        "--quality fast; 0: the network's fields alone)")
+                   help="NCC iterations on the network's 2 mm grid after it (default: the library's, 5; "
+                        "0: the network's fields alone)")
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="output folder")

@@ -188,9 +188,8 @@ def register(
     ``auto`` is bfloat16 on CPUs that compute it natively (see :func:`~.device.resolve_precision`).
     ``quality``: ``fast`` (the network's fields, then a few NCC iterations on the model grid:
     :mod:`InverseRegLib.polish`, settings ``polish_settings``, default
-    :data:`~.polish.FAST_SETTINGS`; ``iterations=(0,)`` switches it off) or ``best`` (then
-    greedy-like iterations at the input's full resolution, warm-started from the network's fields
-    (after the model-grid stage only if ``polish_settings`` asks for it):
+    :data:`~.polish.FAST_SETTINGS`; :data:`~.polish.NETWORK_ONLY` switches it off) or ``best``
+    (the same, then greedy-like iterations at the input's full resolution, warm-started from them:
     :mod:`InverseRegLib.fullres`; its settings ``fullres_settings``, default
     :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
     backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
@@ -272,8 +271,8 @@ def register(
     t_polish = 0.0
     polished = False
     from .polish import FAST_SETTINGS, polish_fields
-    polish = polish_settings or (FAST_SETTINGS if quality == "fast" else None)
-    if polish is not None and sum(polish.iterations) > 0:
+    polish = polish_settings or FAST_SETTINGS  # both qualities: best's full-resolution level starts from it
+    if sum(polish.iterations) > 0:
         report_progress(0.6, "model-grid NCC iterations")
         t0 = time.perf_counter()
         d_st, d_ts = polish_fields(target, source, d_st, d_ts, geometry, polish, cancel)
