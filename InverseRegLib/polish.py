@@ -8,9 +8,10 @@ field, the field smoothed) fit what the network left of this pair at a fraction 
 image grids. Composition keeps the network's fold-free field fold-free (see :mod:`~.fullres`).
 
 The backward field is carried along to first order: each composed update ``φ ← φ ∘ (id + u)``
-turns the inverse into ``(id + u)⁻¹ ∘ φ⁻¹``, with ``(id + u)⁻¹(y) ≈ y − u(y)``. It is only the
-starting point of the exact inverse (:mod:`InverseRegLib.inverse`), which the pipeline computes
-from the written forward field as before.
+turns the inverse into ``(id + u)⁻¹ ∘ φ⁻¹``, with ``(id + u)⁻¹(y) ≈ y − u(y)``; then it is made the
+inverse of the new forward field on the model grid (:func:`~.inverse.invert_field`). It is only
+the starting point of the exact inverse on the image grids, which the pipeline computes from the
+written forward field as before.
 
 Arrays: images (D, H, W) float32 in [0, 1] on the model grid; fields (1, 3, D, H, W) LPS mm.
 """
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from .fields import _times_transpose, _to_normalized, index_affine
 from .fullres import FullResSettings, iterate_ncc
 from .grid import Geometry
+from .inverse import invert_field
 
 #: the default's model-grid stage; chosen on the training pairs of the model card's protocol
 FAST_SETTINGS = FullResSettings(iterations=(5,), radius=2, sigma_update=1.5, sigma_field=0.5, step=0.5)
@@ -91,4 +93,8 @@ def polish_fields(target: np.ndarray, source: np.ndarray, d_st: torch.Tensor, d_
     field = iterate_ncc(i, m, field, cropped, geometry, iterations, settings, cancel=cancel, on_update=track)
     out_st = d_st.clone()
     out_st[0, :, box[0], box[1], box[2]] = field.permute(3, 0, 1, 2)
-    return out_st, back.permute(3, 0, 1, 2)[None].contiguous()
+    # the carried φTS made the inverse of the new φST on the model grid (8x fewer points than a
+    # 1 mm image grid): the exact inverse on the image grid then starts close to its answer
+    # everywhere. Measured on a 1 mm pair (1 thread, CPU s): +0.8 s here, -1.8 s there.
+    back, _ = invert_field(out_st[0].permute(1, 2, 3, 0), geometry, geometry, initial=back)
+    return out_st, torch.from_numpy(back).permute(3, 0, 1, 2)[None].contiguous()
