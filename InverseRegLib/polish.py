@@ -22,6 +22,7 @@ import torch
 
 import torch.nn.functional as F
 
+from .errors import InverseRegError
 from .fields import _times_transpose, _to_normalized, index_affine
 from .fullres import FullResSettings, iterate_ncc
 from .grid import Geometry
@@ -68,7 +69,7 @@ def polish_fields(target: np.ndarray, source: np.ndarray, d_st: torch.Tensor, d_
     φTS its inverse. ``settings.iterations`` must hold one level (the model grid itself).
     """
     if len(settings.iterations) != 1:
-        raise ValueError(f"the model-grid stage runs one level; got iterations {settings.iterations!r}")
+        raise InverseRegError(f"the model-grid stage runs one level; got iterations {settings.iterations!r}")
     iterations = settings.iterations[0]
     if iterations == 0:
         return d_st, d_ts
