@@ -96,6 +96,17 @@ def _labels_arg(text: str | None):
         raise InverseRegError(f"--labels: {error}") from None
 
 
+def _polish_arg(args):
+    """``--polish N`` as ``register(polish_settings=...)``: None keeps the library's default."""
+    if getattr(args, "polish", None) is None:
+        return None
+    import dataclasses
+    from .polish import FAST_SETTINGS
+    if args.polish < 0:
+        raise InverseRegError(f"--polish must be >= 0, got {args.polish}")
+    return dataclasses.replace(FAST_SETTINGS, iterations=(args.polish,))
+
+
 def _affine_arg(args) -> str | None:
     return None if args.no_affine or args.affine == "none" else args.affine
 
@@ -123,12 +134,13 @@ def cmd_register(args) -> int:
     t_model = time.perf_counter() - t0
     from .device import resolve_device
     resolve_device(args.device)  # a wrong --device is one error line, not one under a started bar
+    polish = _polish_arg(args)  # so is a wrong --polish
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
                           fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
                           precision=args.precision, label_interpolation=args.label_interpolation,
-                          quality=args.quality)
+                          quality=args.quality, polish_settings=polish)
     finally:
         progress.close()
     del fixed, moving, fixed_seg, moving_seg  # not needed for writing, where the peak memory is on large grids
@@ -414,10 +426,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="network passes, each on the moving image warped so far (default: the library's)")
         p.add_argument("--labels", help="labels to evaluate: all (default), freesurfer, or a list like 2,3,41")
         p.add_argument("--quality", choices=["fast", "best"], default="fast",
-                       help="fast: the network's fields (default); best: then greedy-like iterations at the "
-                            "input's full resolution (slower, more accurate)")
+                       help="fast: the network's fields and a few NCC iterations on its 2 mm grid (default); "
+                            "best: then greedy-like iterations at the input's full resolution (slower, "
+                            "more accurate)")
 
     p = sub.add_parser("register", help="register a pair; writes forward/backward fields, warped images, report")
+    p.add_argument("--polish", type=int, metavar="N",
+                   help="NCC iterations on the network's 2 mm grid after it (default: the library's, 5; "
+                        "0: the network's fields alone)")
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="output folder")

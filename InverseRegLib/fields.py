@@ -298,6 +298,9 @@ def jacobian_determinant(displacement, geometry: Geometry) -> np.ndarray:
     when the grid's axes are the coordinate axes (up to flips): a 1 mm brain field in ~0.3 s.
     """
     # (3, z, y, x): component a of the displacement along dim 0
+    if isinstance(displacement, np.ndarray) and not displacement.flags.writeable:
+        # a read-only view of a written image: torch warns on those; float32 is a copy anyway
+        displacement = displacement.astype(np.float32)
     d = torch.as_tensor(displacement, dtype=torch.float32).permute(3, 0, 1, 2).contiguous()
     inverse = np.linalg.inv(geometry.index_to_physical)
     # g[b][a] = ∂d_a / ∂index_b; index order (x, y, z) = dims (3, 2, 1)

@@ -193,6 +193,7 @@ def register(
     label_interpolation: str = "linear",
     quality: str = "fast",
     fullres_settings=None,
+    polish_settings=None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -202,9 +203,12 @@ def register(
     the moving image warped by the fields so far (see :func:`run_network`; None: ``DEFAULT_PASSES``).
     ``precision`` (``auto``, ``float32``, ``bfloat16``): the dtype of the network's convolutions;
     ``auto`` is bfloat16 on CPUs that compute it natively (see :func:`~.device.resolve_precision`).
-    ``quality``: ``fast`` (the network's fields) or ``best`` (then greedy-like iterations at the
-    input's full resolution, warm-started from them: :mod:`InverseRegLib.fullres`; its settings
-    ``fullres_settings``, default :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
+    ``quality``: ``fast`` (the network's fields, then a few NCC iterations on the model grid:
+    :mod:`InverseRegLib.polish`, settings ``polish_settings``, default
+    :data:`~.polish.FAST_SETTINGS`; :data:`~.polish.NETWORK_ONLY` switches it off) or ``best``
+    (the same, then greedy-like iterations at the input's full resolution, warm-started from them:
+    :mod:`InverseRegLib.fullres`; its settings ``fullres_settings``, default
+    :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
     backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share),
@@ -281,6 +285,16 @@ def register(
 
     d_st = voxel_field_to_physical(u_st, geometry)
     d_ts = voxel_field_to_physical(u_ts, geometry)
+    t_polish = 0.0
+    polished = False
+    from .polish import FAST_SETTINGS, polish_fields
+    polish = polish_settings or FAST_SETTINGS  # both qualities: best's full-resolution level starts from it
+    if sum(polish.iterations) > 0:
+        report_progress(0.6, "model-grid NCC iterations")
+        t0 = time.perf_counter()
+        d_st, d_ts = polish_fields(target, source, d_st, d_ts, geometry, polish, cancel)
+        t_polish = time.perf_counter() - t0
+        polished = True
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
     forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
@@ -313,10 +327,15 @@ def register(
     t0 = time.perf_counter()
     moving_mask = foreground_mask(moving)
     if quality == "fast":
-        # folding where the fields come from (the model grid; see quality.py), each on its own
-        # image's foreground: φST over the fixed image, φTS over the affinely aligned moving one
+        # folding where the fields come from (the model grid, after the model-grid stage if it
+        # ran; see quality.py), each on its own image's foreground: φST over the fixed image, φTS
+        # over the affinely aligned moving one
         folding_forward = folding_on_model_grid(d_st, geometry, foreground_mask(None, normalized=normalize(fixed_on_model)))
-        folding_backward = folding_on_model_grid(d_ts, geometry, foreground_mask(None, normalized=normalize(moving_on_model)))
+        if polished:
+            # d_ts is then only the first-order start of the exact inverse: judge the written field
+            folding_backward = folding_on_image_grid(backward, moving_geometry, moving_mask)
+        else:
+            folding_backward = folding_on_model_grid(d_ts, geometry, foreground_mask(None, normalized=normalize(moving_on_model)))
     else:
         # the full-resolution iterations changed the fields after the model grid: judge the written ones
         folding_forward = folding_on_image_grid(forward, fixed_geometry, fixed_mask)
@@ -344,7 +363,8 @@ def register(
         "folding_percent_backward": folding_backward[0],
         "folding_percent_forward_foreground": folding_forward[1],
         "folding_percent_backward_foreground": folding_backward[1],
-        "folding_measured_on": "model grid" if quality == "fast" else "image grids",
+        "folding_measured_on": ("image grids" if quality == "best" else
+                                "model grid (forward), moving image grid (backward)" if polished else "model grid"),
         "ice_mean_mm": ice_mean,
         "ice_p95_mm": ice_p95,
         "ice_sampled_every": ICE_STRIDE,
@@ -352,6 +372,7 @@ def register(
         "ice_moving_p95_mm": ice_moving_p95,
         "quality": quality,
         "seconds_fullres": round(t_fullres, 3),
+        "seconds_polish": round(t_polish, 3),
         "seconds_inverse": round(t_inverse, 3),
         **inverse_stats.as_report(),
     }

@@ -505,8 +505,11 @@ class RegisteredSceneTests(unittest.TestCase):
             pictures[name] = renderer.rgba().astype(float)
             if FIGURES_DIR:
                 renderer.save_png(os.path.join(FIGURES_DIR, f"slicer_{name}.png"))
-        for picture in pictures.values():
-            self.assertGreater(picture[..., :3].std(), 5.0)  # something is drawn
+        for name, picture in pictures.items():
+            # something is drawn; after registration a difference has little left to draw (the
+            # default's model-grid stage leaves the backward one at a pixel std of ~3.7), so there
+            # the bar is "not blank" (a blank view has std 0) and the ink comparison below
+            self.assertGreater(picture[..., :3].std(), 1.0 if name.endswith("difference_after") else 5.0, name)
         # distance of each pixel from white (the diverging table's colour at zero difference)
         ink = {k: (255.0 - pictures[k][..., :3]).sum(-1).mean() for k in ("difference_before", "difference_after")}
         self.assertLess(ink["difference_after"], 0.85 * ink["difference_before"], ink)

@@ -89,10 +89,27 @@ def test_passes_multiply_a_known_translation(capsys, files, tmp_path):
     """The constant network moves points by T_PER_PASS per pass (test_contract.py)."""
     for passes in (1, 3):
         report, _, _ = register_cli(capsys, files, tmp_path / f"p{passes}", "--no-affine", "--passes", str(passes),
-                                    "--progress", "none", model="shift.pt")
+                                    "--polish", "0", "--progress", "none", model="shift.pt")
         assert report["passes"] == passes
         np.testing.assert_allclose(field(tmp_path / f"p{passes}").reshape(-1, 3).mean(0), passes * T_PER_PASS,
                                    atol=1e-4)
+
+
+def test_polish_option_sets_the_model_grid_stage(capsys, files, tmp_path):
+    """``--polish 0`` leaves the constant network's translation as it is; the default runs the
+    stage (it then moves the field, since the translation is not the pair's answer); a negative
+    count is one error line and exit status 2."""
+    off, _, _ = register_cli(capsys, files, tmp_path / "off", "--no-affine", "--passes", "1", "--polish", "0",
+                             "--progress", "none", model="shift.pt")
+    on, _, _ = register_cli(capsys, files, tmp_path / "on", "--no-affine", "--passes", "1", "--progress", "none",
+                            model="shift.pt")
+    assert off["seconds_polish"] == 0 and on["seconds_polish"] > 0
+    np.testing.assert_allclose(field(tmp_path / "off").reshape(-1, 3).mean(0), T_PER_PASS, atol=1e-4)
+    assert np.abs(field(tmp_path / "on") - field(tmp_path / "off")).max() > 0.1
+    code = main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o", tmp_path / "bad",
+                                  "--model", files["shift.pt"], "--device", "cpu", "--polish", "-1"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--polish" in err[0]
 
 
 def test_precision_is_recorded_and_changes_the_network_arithmetic(capsys, files, tmp_path):
@@ -195,7 +212,8 @@ def test_affine_modes_are_forwarded(capsys, files, scaled_pair, tmp_path):
     assert determinants["rigid"] == pytest.approx(1.0, abs=1e-6)
     for options in (("--affine", "none"), ("--no-affine",)):
         outdir = tmp_path / options[-1].strip("-")
-        report, _, _ = register_cli(capsys, paths, outdir, *options, "--progress", "none", model="identity.pt")
+        report, _, _ = register_cli(capsys, paths, outdir, *options, "--polish", "0", "--progress", "none",
+                                    model="identity.pt")
         assert report["affine"] is None and not (outdir / "affine.tfm").exists()
         assert np.abs(field(outdir)).max() < 1e-3  # identity network, no affine: no motion
 

@@ -33,6 +33,7 @@ import torch
 
 from InverseRegLib.outputs import write_result
 from InverseRegLib.pipeline import register
+from InverseRegLib.polish import NETWORK_ONLY
 from inversereg_testlib import rotation_matrix, small_model, write_model_file
 
 #: the network's constant output per pass, in voxels of the small test model grid (x, y, z):
@@ -192,7 +193,7 @@ def test_the_test_pair_is_truly_asymmetric(translation_case):
 def test_python_api_files_honour_the_contract(translation_case, tmp_path):
     case = translation_case
     result = register(sitk.ReadImage(str(case["paths"]["fixed"])), sitk.ReadImage(str(case["paths"]["moving"])),
-                      str(case["paths"]["model"]), device="cpu", affine=None)
+                      str(case["paths"]["model"]), device="cpu", affine=None, polish_settings=NETWORK_ONLY)
     write_result(result, tmp_path / "out", inputs=[case["paths"]["fixed"], case["paths"]["moving"]])
     judge(tmp_path / "out", case["fixed"], case["moving"], *case["truth"], point_tolerance_mm=1e-3)
     for label, folder in swapped_copies(tmp_path / "out", tmp_path).items():
@@ -206,7 +207,7 @@ def test_command_line_files_honour_the_contract(translation_case, tmp_path):
     outdir = tmp_path / "cli_out"
     args = [sys.executable, "-m", "InverseRegLib", "register", str(case["paths"]["fixed"]),
             str(case["paths"]["moving"]), "-o", str(outdir), "--model", str(case["paths"]["model"]),
-            "--no-affine", "--device", "cpu"]
+            "--no-affine", "--device", "cpu", "--polish", "0"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr
     judge(outdir, case["fixed"], case["moving"], *case["truth"], point_tolerance_mm=1e-3)
@@ -226,7 +227,7 @@ def test_rigid_prealignment_files_honour_the_contract(world, tmp_path):
     true_backward = true_forward.GetInverse()
     # moving(q) = world(G^-1(q)), so that moving(G(p)) = world(p) = fixed(p)
     moving = sitk.Resample(world, moving_ref, true_backward, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    result = register(fixed, moving, identity_network_model(), device="cpu", affine="rigid")
+    result = register(fixed, moving, identity_network_model(), device="cpu", affine="rigid", polish_settings=NETWORK_ONLY)
     outdir = tmp_path / "out"
     write_result(result, outdir, inputs=[])
     judge(outdir, fixed, moving, true_forward, true_backward, point_tolerance_mm=0.5)

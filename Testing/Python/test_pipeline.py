@@ -23,6 +23,7 @@ from InverseRegLib.fields import affine_matrix, field_to_image
 from InverseRegLib.grid import Geometry
 from InverseRegLib.modelfile import load_model
 from InverseRegLib.pipeline import Cancelled, _compose_with_affine, model_geometry, register
+from InverseRegLib.polish import NETWORK_ONLY
 from inversereg_testlib import geometry_equal, oblique_geometry, small_model, trained_model_path
 
 REPORT_KEYS = {"device", "model_id", "model_path", "preset", "affine", "refine_steps", "seconds_affine",
@@ -132,12 +133,14 @@ def test_a_constant_network_field_becomes_the_physical_translation(small_pair, p
     diag(-1, -1, 1) and 5 mm spacing, (1, 0.5, -0.4) voxels are (-5, -2.5, -2) mm LPS, whatever
     grid the moving image is on; the backward field is the exact opposite. Each further pass
     adds the same translation once more. In float32: bfloat16 would round the bias 0.4 to
-    0.40039 (test_precision.py covers that precision)."""
+    0.40039 (test_precision.py covers that precision). The default's model-grid NCC stage is
+    switched off: this checks how the network's own field reaches the written files."""
     fixed, moving, _, _, _ = small_pair
     moving = onto(moving, OBLIQUE)
     model = translation_model(preset, [1.0, 0.5, -0.4])
     expected = passes * np.array([-5.0, -2.5, -2.0])
-    result = register(fixed, moving, model, "cpu", None, passes=passes, precision="float32")
+    result = register(fixed, moving, model, "cpu", None, passes=passes, precision="float32",
+                      polish_settings=NETWORK_ONLY)
     forward = sitk.GetArrayFromImage(result.forward)
     backward = sitk.GetArrayFromImage(result.backward)
     assert np.abs(forward - expected).max() < 1e-4
@@ -196,7 +199,8 @@ def test_label_report_before_and_after(small_pair):
     """With an identity network the registered Dice equals the Dice before registration, and
     both equal Dice computed by hand on the label maps."""
     fixed, moving, fixed_seg, moving_seg, _ = small_pair
-    result = register(fixed, moving, small_model("default"), "cpu", None, 0, fixed_seg, moving_seg, labels=[2, 41, 4])
+    result = register(fixed, moving, small_model("default"), "cpu", None, 0, fixed_seg, moving_seg, labels=[2, 41, 4],
+                      polish_settings=NETWORK_ONLY)  # the network's identity field, not the NCC stage's
     report = result.report
     moved, target = sitk.GetArrayFromImage(moving_seg), sitk.GetArrayFromImage(fixed_seg)
     # by hand, not with metrics.dice_per_label (the function the report itself uses)
@@ -238,7 +242,7 @@ def test_register_with_affine_prealignment(small_pair):
     shift = np.array([8.0, -6.0, 5.0])
     moved = sitk.Resample(moving, OBLIQUE.reference_image(), sitk.TranslationTransform(3, tuple(shift)),
                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)  # moved(q) = moving(q + t)
-    result = register(fixed, moved, small_model("default"), "cpu", "affine")
+    result = register(fixed, moved, small_model("default"), "cpu", "affine", polish_settings=NETWORK_ONLY)
     check_outputs(result, fixed, moved)
     assert result.report["affine"] == "affine" and isinstance(result.affine, sitk.Transform)
     assert result.report["ice_mean_mm"] < 1e-3
@@ -276,14 +280,15 @@ def test_refinement_through_the_pipeline(small_pair):
 def trained_registration():
     """The bundled model (or $INVERSEREG_TEST_MODEL) on a brain-sized phantom pair with a known
     deformation, no affine pre-alignment (the pair is aligned): one network pass, and the default
-    (two passes)."""
+    (two passes); both without the default's model-grid NCC stage, so that they judge the network."""
     path = trained_model_path()
     from InverseRegLib.synthetic import make_pair
     fixed, moving, fixed_seg, moving_seg, true_forward = make_pair(size=(96, 112, 96), spacing=(1.7, 1.7, 1.7),
                                                                    seed=0, return_field=True)
     model = load_model(path)
-    one_pass = register(fixed, moving, model, "cpu", None, 0, fixed_seg, moving_seg, passes=1)
-    default = register(fixed, moving, model, "cpu", None, 0, fixed_seg, moving_seg)
+    one_pass = register(fixed, moving, model, "cpu", None, 0, fixed_seg, moving_seg, passes=1,
+                        polish_settings=NETWORK_ONLY)
+    default = register(fixed, moving, model, "cpu", None, 0, fixed_seg, moving_seg, polish_settings=NETWORK_ONLY)
     return fixed, moving, fixed_seg, true_forward, one_pass, default
 
 

@@ -47,24 +47,28 @@ def test_optimiser_recovers_a_known_deformation(pair):
 
 def test_best_beats_fast_and_stays_inverse_consistent(pair):
     """``register(quality='best')`` with an untrained network (fields of a few mm that are not the
-    answer): Dice through the written fields rises by > 0.05 over ``fast`` both ways, no folding,
-    and the written backward field is the inverse of the forward one on the moving grid
+    answer): Dice through the written fields rises by > 0.05 over the network's fields alone
+    (``fast`` with its model-grid stage off) and by > 0.02 over ``fast`` as shipped, both ways, no
+    folding, and the written backward field is the inverse of the forward one on the moving grid
     (SimpleITK's composition < 2e-3 mm over the brain)."""
     fixed, moving, fixed_seg, moving_seg, _ = pair
     model = small_model("default", 2e4)
+    network_only = register(fixed, moving, model, "cpu", None, fixed_seg=fixed_seg, moving_seg=moving_seg,
+                            polish_settings=FullResSettings(iterations=(0,)))
     fast = register(fixed, moving, model, "cpu", None, fixed_seg=fixed_seg, moving_seg=moving_seg)
     best = register(fixed, moving, model, "cpu", None, fixed_seg=fixed_seg, moving_seg=moving_seg, quality="best",
                     fullres_settings=FullResSettings(iterations=(10, 10)))
     assert fast.report["quality"] == "fast" and best.report["quality"] == "best"
     assert best.report["seconds_fullres"] > 0 and fast.report["seconds_fullres"] == 0
     for key in ("dice_mean", "dice_mean_backward"):
-        assert best.report[key] > fast.report[key] + 0.05, key
+        assert best.report[key] > network_only.report[key] + 0.05, key
+        assert best.report[key] > fast.report[key] + 0.02, key
     assert best.report["folding_percent_forward"] == 0 and best.report["folding_percent_backward"] == 0
     assert composed_error(best.backward, best.forward)[brain(moving)].max() < 2e-3
 
 
 def test_gaussian_smooth_matches_scipy():
-    """The shift-add Gaussian equals scipy.ndimage's sampled Gaussian with the same 3-sigma
+    """The separable Gaussian equals scipy.ndimage's sampled Gaussian with the same 3-sigma
     radius and replicated edges (``mode='nearest'``), faces included."""
     import torch
     from scipy.ndimage import gaussian_filter
