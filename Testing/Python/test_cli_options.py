@@ -285,13 +285,21 @@ def test_default_progress_on_a_terminal_is_a_tqdm_bar(files, tmp_path):
     assert "{\"event\"" not in text
 
 
-def test_ctrl_c_stops_register_cleanly(files, tmp_path):
-    """SIGINT during the work: exit status 130, one line on stderr, the output folder as it was
-    (here: an earlier complete result), no temporary files."""
-    outdir = tmp_path / "out"
+def earlier_result(files, outdir) -> dict:
+    """A complete result in ``outdir`` (the network's fields, no affine); its files' bytes by name."""
     assert main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o", outdir, "--model",
                                   files["smooth.pt"], "--device", "cpu", "--no-affine", "--progress", "none"]]) == 0
-    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    return {p.name: p.read_bytes() for p in outdir.iterdir()}
+
+
+@pytest.mark.parametrize("signal_number,status,line", [(signal.SIGINT, 130, "inversereg: interrupted"),
+                                                       (signal.SIGTERM, 143, "inversereg: terminated")])
+def test_a_signal_stops_register_cleanly(files, tmp_path, signal_number, status, line):
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a batch system's limit) during the work: its exit status,
+    one line on stderr, the output folder as it was (here: an earlier complete result), no
+    temporary files."""
+    outdir = tmp_path / "out"
+    before = earlier_result(files, outdir)
     args = [sys.executable, "-m", "InverseRegLib", "register", str(files["fixed.nii.gz"]), str(files["moving.nii.gz"]),
             "-o", str(outdir), "--model", str(files["smooth.pt"]), "--no-affine", "--device", "cpu",
             "--refine", "5000", "--progress", "json"]
@@ -300,41 +308,16 @@ def test_ctrl_c_stops_register_cleanly(files, tmp_path):
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        for line in process.stdout:  # wait until it is refining: well inside the work
-            if json.loads(line).get("message", "").startswith("refine "):
+        for output in process.stdout:  # wait until it is refining: well inside the work
+            if json.loads(output).get("message", "").startswith("refine "):
                 break
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal_number)
         _, err = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, err
-    assert err.strip().splitlines() == ["inversereg: interrupted"]
-    assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
-
-
-def test_sigterm_stops_register_cleanly(files, tmp_path):
-    """SIGTERM (kill, a batch system's limit) during the work: exit status 143, one line, the
-    earlier complete result untouched."""
-    outdir = tmp_path / "out"
-    assert main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o", outdir, "--model",
-                                  files["smooth.pt"], "--device", "cpu", "--no-affine", "--progress", "none"]]) == 0
-    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
-    args = [sys.executable, "-m", "InverseRegLib", "register", str(files["fixed.nii.gz"]), str(files["moving.nii.gz"]),
-            "-o", str(outdir), "--model", str(files["smooth.pt"]), "--no-affine", "--device", "cpu",
-            "--refine", "5000", "--progress", "json"]
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        for line in process.stdout:
-            if json.loads(line).get("message", "").startswith("refine "):
-                break
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 143, err
-    assert err.strip().splitlines() == ["inversereg: terminated"]
+    assert process.returncode == status, err
+    assert err.strip().splitlines() == [line]
     assert {p.name: p.read_bytes() for p in outdir.iterdir()} == before
 
 
@@ -345,9 +328,7 @@ def test_sigterm_while_writing_rolls_the_folder_back(files, tmp_path):
     from InverseRegLib.outputs import write_result
     from InverseRegLib.pipeline import register
     outdir = tmp_path / "out"
-    assert main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o", outdir, "--model",
-                                  files["smooth.pt"], "--device", "cpu", "--no-affine", "--progress", "none"]]) == 0
-    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    before = earlier_result(files, outdir)
     result = register(sitk.ReadImage(str(files["fixed.nii.gz"])), sitk.ReadImage(str(files["moving.nii.gz"])),
                       load_model(str(files["identity.pt"])), "cpu", None)
     previous = signal.getsignal(signal.SIGTERM)
