@@ -130,3 +130,11 @@ def geometry_equal(a: sitk.Image, b: sitk.Image, tol: float = 1e-6) -> bool:
             and np.allclose(a.GetSpacing(), b.GetSpacing(), atol=tol)
             and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tol)
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=tol))
+
+
+#: a moving grid of its own (coarse, anisotropic, rotated 10 degrees) for the tests that carry
+#: points and label maps between two grids (test_points, test_slicer_carry)
+OBLIQUE_MOVING_GRID = oblique_geometry((44, 50, 42), (3.6, 3.3, 3.9), axis=(1.0, -0.5, 2.0), degrees=10.0,
+                                       center=(1.0, -2.0, 0.5))
+#: LPS <-> RAS: x and y change sign
+RAS_FLIP = np.array([-1.0, -1.0, 1.0])

@@ -32,7 +32,6 @@ import SimpleITK as sitk
 import torch
 
 from InverseRegLib import evaluate as evaluate_module
-from InverseRegLib import train as train_module
 from InverseRegLib.cli import main
 from InverseRegLib.evaluate import evaluate_folder
 from InverseRegLib.modelfile import load_model
@@ -40,7 +39,7 @@ from InverseRegLib.outputs import STAGING_PREFIX, write_result
 from InverseRegLib.pipeline import register
 from InverseRegLib.synthetic import make_pair
 from inversereg_testlib import file_hashes, small_model
-from training_data import train_argv, write_subjects
+from training_data import interrupt_training_at, train_argv, write_subjects
 
 
 class Injected(OSError):
@@ -337,16 +336,7 @@ def test_a_log_row_cut_short_by_a_crash_is_dropped_on_resume(train_data, uninter
     """A crash in the middle of appending to log.csv leaves part of a row: the resumed run must
     drop it (it redoes that step) instead of keeping a damaged row or stopping."""
     run = tmp_path / "run"
-    real_loss = train_module.registration_loss
-    calls = {"n": 0}
-
-    def stop_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "registration_loss", stop_in_step_3)
+    interrupt_training_at(monkeypatch, 3)
     assert main(train_argv(train_data, run, STEPS, "--checkpoint-every", "2")) == 130  # Ctrl-C's status
     monkeypatch.undo()
     with (run / "log.csv").open("a") as handle:

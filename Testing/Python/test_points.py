@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from InverseRegLib.cli import main
 from InverseRegLib.errors import InverseRegError
 from InverseRegLib.points import read_points, transform_points
-from inversereg_testlib import oblique_geometry
+from inversereg_testlib import OBLIQUE_MOVING_GRID as MOVING_GRID, RAS_FLIP as FLIP
 
 try:  # Slicer's MRML (slicer-core) writes and reads the markups files; only those tests need it
     import slicer
@@ -23,9 +23,6 @@ except ImportError:
     slicer = None
 needs_slicer = pytest.mark.skipif(slicer is None, reason="slicer-core (Slicer's MRML in Python) is not installed")
 
-MOVING_GRID = oblique_geometry((44, 50, 42), (3.6, 3.3, 3.9), axis=(1.0, -0.5, 2.0), degrees=10.0,
-                               center=(1.0, -2.0, 0.5))
-FLIP = np.array([-1.0, -1.0, 1.0])
 
 
 @pytest.fixture(scope="module")

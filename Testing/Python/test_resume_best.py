@@ -17,7 +17,7 @@ import torch
 from InverseRegLib import train as train_module
 from InverseRegLib.cli import main
 from InverseRegLib.modelfile import load_model
-from training_data import train_argv, write_subjects
+from training_data import interrupt_training_at, train_argv, write_subjects
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +88,7 @@ def test_a_better_model_saved_after_the_last_checkpoint_is_kept(data, tmp_path, 
     must not be overwritten by a worse one."""
     run = tmp_path / "run"
     scripted_scores(monkeypatch, [0.5, 0.6, 0.9])
-    real_loss = train_module.registration_loss
-    calls = {"n": 0}
-
-    def stop_in_step_4(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "registration_loss", stop_in_step_4)
+    real_loss = interrupt_training_at(monkeypatch, 4)
     assert main(train_argv(data, run, 4, "--checkpoint-every", "2")) == 130
     assert torch.load(run / "checkpoint.pt", weights_only=True)["best_val"] == 0.6
     saved = weights(run / "best_model.pt")

@@ -16,15 +16,12 @@ import SimpleITK as sitk
 from InverseRegLib.cli import main
 from InverseRegLib.errors import InverseRegError
 from InverseRegLib.jacobian import jacobian_image
-from inversereg_testlib import oblique_geometry
+from inversereg_testlib import OBLIQUE_MOVING_GRID as MOVING_GRID, RAS_FLIP as FLIP, oblique_geometry
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (Slicer's MRML in Python) is not installed")
 
 from InverseReg.InverseRegScene import carry  # noqa: E402  (needs slicer)
 
-MOVING_GRID = oblique_geometry((44, 50, 42), (3.6, 3.3, 3.9), axis=(1.0, -0.5, 2.0), degrees=10.0,
-                               center=(1.0, -2.0, 0.5))
-FLIP = np.array([-1.0, -1.0, 1.0])
 
 
 @pytest.fixture(scope="module")

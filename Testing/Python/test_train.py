@@ -27,7 +27,7 @@ from InverseRegLib.model import InverseNet
 from InverseRegLib.modelfile import load_model
 from InverseRegLib.presets import get_preset
 from inversereg_testlib import file_hashes, free_port
-from training_data import write_subjects
+from training_data import interrupt_training_at, write_subjects
 
 #: (translation mm, isotropic scale) of each subject relative to the phantom
 #: length of the short run: the loss on all pairs is noisy over the first ~60 steps at this lr
@@ -154,16 +154,7 @@ def test_resume_after_an_interruption_between_checkpoints(reference_run, data_di
     """The run is killed during step 4, after step 3 was logged but the last checkpoint is from
     step 2: the resumed run redoes step 3, and its log must not hold step 3 twice."""
     run = tmp_path / "run"
-    calls = {"n": 0}
-    real_loss = train_module.registration_loss
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt  # what Ctrl-C or a killed job looks like to the loop
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "registration_loss", interrupted)
+    real_loss = interrupt_training_at(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(train_module.TrainConfig(str(data_dirs["data3"]), str(run), steps=4, spacing=10.0,
                                                     checkpoint_every=2, synth=0.5, device="cpu"), progress=False)
@@ -179,16 +170,7 @@ def test_restart_after_a_crash_before_the_first_checkpoint(reference_run, data_d
     """A run that stopped before writing any checkpoint may be started again (there is nothing
     to resume); its log then holds the new run's steps only, not the dead run's rows too."""
     run = tmp_path / "run"
-    real_loss = train_module.registration_loss
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real_loss(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "registration_loss", interrupted)
+    real_loss = interrupt_training_at(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(train_module.TrainConfig(str(data_dirs["data3"]), str(run), steps=4, spacing=10.0,
                                                     checkpoint_every=25, synth=0.5, device="cpu"), progress=False)

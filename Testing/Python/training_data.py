@@ -32,3 +32,20 @@ def train_argv(data: Path, run: Path, steps: int, *extra) -> list[str]:
     """``inversereg train`` arguments for a 16^3 model grid, validation on 02 and 03 every step."""
     return ["train", str(data), "-o", str(run), "--steps", str(steps), "--spacing", "10", "--quiet",
             "--device", "cpu", "--val", "02", "03", "--val-every", "1", "--labels", "2,41", *[str(e) for e in extra]]
+
+
+def interrupt_training_at(monkeypatch, step: int):
+    """Make training's loss raise KeyboardInterrupt (what Ctrl-C or a killed job looks like to
+    the loop) on its ``step``-th call; returns the real loss function, to put back."""
+    from InverseRegLib import train as train_module
+    real_loss = train_module.registration_loss
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "registration_loss", interrupted)
+    return real_loss
