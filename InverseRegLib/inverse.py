@@ -8,8 +8,8 @@ numerical precision at every moving-grid voxel::
     find x(q) with  φ(x) = x + f(x) = q ,   b(q) = x(q) - q
 
 by the preconditioned fixed-point iteration ``b ← b - P (b + f(q + b))`` where ``f`` is the forward
-field sampled trilinearly (border extension, as :func:`~.fields.inverse_consistency_error` reads
-it). ``P`` is, from the network's backward field, I + ∂b/∂q of that start (it approximates
+field sampled trilinearly (inside the fixed grid, as :func:`~.fields.inverse_consistency_error`
+reads it; continued beyond it as below). ``P`` is, from the network's backward field, I + ∂b/∂q of that start (it approximates
 (∂φ/∂x)^-1 at the answer: a quasi-Newton step, which converges where φ compresses or stretches
 strongly and the plain fixed point diverges); from a zero start, the inverse of the affine's
 linear part (identity without an affine). Points whose residual is below the tolerance drop out.
@@ -28,10 +28,13 @@ first step run on the whole slab with planar (3, N) arrays and the start's Jacob
 slices (no gathers, no per-point matrix products: on brains ~85 % of the voxels still iterate
 then); only the ~35 % left after it are compacted and iterate further.
 
-Moving-grid points that the starting field maps outside the fixed grid keep the starting value:
-the forward field carries no information about the map there (with an affine, the starting field
-does). They lie outside the fixed image, so no measure over the brain sees them; they are counted
-in the statistics. Fixed and moving grids may differ in size, spacing, origin and direction.
+Beyond the fixed grid the forward map is continued from its border, ``φ(x) = φ(x_b) + L (x - x_b)``
+with ``x_b`` the nearest grid point and ``L`` the affine's linear part (the identity without one):
+exactly the affine where the field is affine at its border, and continuous everywhere. Moving-grid
+points that map there are inverted like the rest, so the backward field has no seam (keeping
+their starting values instead folded it along the line where the moving image reaches beyond the
+fixed grid: 0.004 % of a brain's voxels). They lie outside the fixed image, so no measure over the
+brain sees them; the statistics leave them out and count them (``outside_fraction``). Fixed and moving grids may differ in size, spacing, origin and direction.
 
 All arrays: (z, y, x, 3) LPS displacements in mm, vector components in (x, y, z) order.
 """
@@ -113,6 +116,14 @@ def invert_field(forward, fixed_geometry: Geometry, moving_geometry: Geometry, i
         # strongly (det 0.1 .. 4 on brains) and the plain fixed point b = -f(q + b) diverges.
         precondition = _Preconditioner(b, moving_geometry, None)
     k_t = torch.as_tensor(k, dtype=torch.float32)
+    extension = None
+    if linear is not None:
+        # beyond the fixed grid φ(x) = φ(x_b) + L (x - x_b), x_b the nearest grid point: the
+        # affine's linear part continues the map (exactly the affine where the field is affine
+        # at the border); in grid_sample units x - x_b = K^-1 (g - clamp(g))
+        extension = torch.as_tensor((np.asarray(linear, dtype=np.float64) - np.eye(3)) @ np.linalg.inv(k),
+                                    dtype=torch.float32)
+    volume = _Extended(volume, extension)
     newton = _ForwardNewton(volume, fixed_geometry)
     total = _Totals()
     nx, ny, nz = moving_geometry.size
@@ -233,7 +244,7 @@ class _ForwardNewton:
     grid: the forward field's Jacobian by central differences of its trilinear samples a
     quarter voxel either side along each fixed-grid axis."""
 
-    def __init__(self, volume: torch.Tensor, fixed_geometry: Geometry):
+    def __init__(self, volume: "_Extended", fixed_geometry: Geometry):
         self.volume = volume
         nx, ny, nz = fixed_geometry.size
         self.offsets = torch.zeros(3, 3)
@@ -254,7 +265,7 @@ class _ForwardNewton:
         return torch.linalg.inv(jacobian).permute(2, 1, 0), ok
 
 
-def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int], g0: torch.Tensor,
+def _invert_slab(volume: "_Extended", b: torch.Tensor, z_range: tuple[int, int], g0: torch.Tensor,
                  k: torch.Tensor, precondition: _Preconditioner, newton_matrices, tolerance: float,
                  iterations: int, total: _Totals) -> None:
     """Invert the moving voxels of z-rows ``z_range`` of ``b`` ((z, y, x, 3)) in place.
@@ -269,15 +280,15 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
     n = slab_b.shape[0]
     first = z0 * b.shape[1] * b.shape[2]
     grid = _to_grid(g0, slab_b, k)
-    # points whose start maps outside the fixed grid keep it: the forward field says nothing
-    # about the map there (its border extension is not the affine), the starting field does
+    # points whose start maps outside the fixed grid iterate too, on the continued forward map
+    # (see the module's docstring); they are left out of the statistics
     inside = (grid.abs() <= 1.0).all(dim=1)
     bb = slab_b.T.contiguous()  # (3, N)
     rr = _sample(volume, grid).add_(bb)  # (3, N): φ(q + b) - q
     del grid
     norm2 = _squared_norm(rr)
     tolerance2 = tolerance * tolerance
-    moving = (norm2 > tolerance2) & inside
+    moving = norm2 > tolerance2
     done = 1
     count = int(moving.sum())
     if count and iterations > 1 and count > _DENSE_FRACTION * moving.numel():
@@ -377,7 +388,7 @@ def _invert_slab(volume: torch.Tensor, b: torch.Tensor, z_range: tuple[int, int]
         total.left.append((left + first, norm.index_select(0, left)))
 
 
-def _rescue(volume: torch.Tensor, b: torch.Tensor, geometry: Geometry, grid_matrix: np.ndarray,
+def _rescue(volume: "_Extended", b: torch.Tensor, geometry: Geometry, grid_matrix: np.ndarray,
             grid_offset: np.ndarray, k: torch.Tensor, newton_matrices, total: _Totals) -> None:
     """The points that did not converge, once more: each restarted from the best of its
     neighbours' values (up to two voxels along each axis; a point stuck in a wrong basin, as
@@ -468,7 +479,21 @@ def _apply(matrix: torch.Tensor, planar: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _sample(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples, planar (3, N), of the (1, 3, D, H, W) ``volume`` at (N, 3) grid_sample coordinates."""
-    return F.grid_sample(volume, grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
-                         align_corners=True)[0, :, 0, 0]
+class _Extended:
+    """The forward field (1, 3, D, H, W) sampled trilinearly, continued beyond its grid by its
+    border value plus ``extension @ (g - clamp(g))`` (``extension``: 3x3 from grid_sample units to
+    mm, or None: the border value alone)."""
+
+    def __init__(self, volume: torch.Tensor, extension: torch.Tensor | None):
+        self.volume = volume
+        self.extension = extension
+
+
+def _sample(forward: _Extended, grid: torch.Tensor) -> torch.Tensor:
+    """Samples, planar (3, N), of ``forward`` at (N, 3) grid_sample coordinates."""
+    out = F.grid_sample(forward.volume, grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
+                        align_corners=True)[0, :, 0, 0]
+    if forward.extension is not None:
+        excess = grid - grid.clamp(-1.0, 1.0)
+        out = out + (excess @ forward.extension.T).T
+    return out

@@ -33,6 +33,7 @@ from .inverse import invert_field
 from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
+from .unfold import repair_folds
 from .quality import ICE_STRIDE, folding_on_image_grid, folding_on_model_grid, inverse_consistency
 from .warp import compose, warp
 
@@ -287,12 +288,19 @@ def register(
     d_ts = voxel_field_to_physical(u_ts, geometry)
     t_polish = 0.0
     polished = False
+    folds_repaired = folds_left = 0  # forward-field voxels unfold.py found folded / left folded
     from .polish import FAST_SETTINGS, polish_fields
     polish = polish_settings or FAST_SETTINGS  # both qualities: best's full-resolution level starts from it
     if sum(polish.iterations) > 0:
         report_progress(0.6, "model-grid NCC iterations")
         t0 = time.perf_counter()
         d_st, d_ts = polish_fields(target, source, d_st, d_ts, geometry, polish, cancel)
+        # the few voxels the iterations may fold, smoothed out where they are (unfold.py); on the
+        # model grid, where the field lives (its exact inverse is taken later, on the image grid)
+        repaired, repair = repair_folds(d_st[0].permute(1, 2, 3, 0), geometry)
+        if repair.folded_before:
+            d_st = torch.from_numpy(repaired).permute(3, 0, 1, 2)[None].contiguous()
+        folds_repaired, folds_left = repair.folded_before, repair.folded_after
         t_polish = time.perf_counter() - t0
         polished = True
     fixed_geometry, moving_geometry = Geometry.of(fixed), Geometry.of(moving)
@@ -305,6 +313,8 @@ def register(
         t0 = time.perf_counter()
         forward = optimise_fullres(fixed, moving, forward, fullres_settings or DEFAULT_SETTINGS,
                                    lambda f, m: report_progress(0.6 + 0.1 * f, m), cancel)
+        forward, repair = repair_folds(forward, fixed_geometry)
+        folds_repaired, folds_left = folds_repaired + repair.folded_before, repair.folded_after
         t_fullres = time.perf_counter() - t0
     # the written backward field made the inverse of the written forward one (the network's own
     # backward field is the starting point; after the full-resolution iterations a farther one)
@@ -374,6 +384,9 @@ def register(
         "seconds_fullres": round(t_fullres, 3),
         "seconds_polish": round(t_polish, 3),
         "seconds_inverse": round(t_inverse, 3),
+        # voxels of the forward field that folded after the iterations, before unfold.py smoothed them out
+        "folds_repaired_forward": folds_repaired,
+        "folds_left_forward": folds_left,
         **inverse_stats.as_report(),
     }
     label_images = {}

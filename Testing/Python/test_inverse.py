@@ -56,8 +56,9 @@ def test_inverse_on_different_grids_judged_by_sitk(with_affine):
     zero start the written backward field is the inverse of the written forward one at every
     moving voxel to < 2e-3 mm (SimpleITK's composition); the other way round only the trilinear
     interpolation of the inverse between its ~2.5 mm voxels is left (h²/8 |∂²b| ≈ 0.03 mm for
-    this field); no folding over the central region (points mapped outside the fixed grid keep
-    the zero start)."""
+    this field); no folding anywhere on the moving grid, a fifth of which maps outside the fixed
+    grid (those points invert the forward field's border extension; when they kept the zero start
+    instead, 263 and 852 of the 43200 voxels folded along that seam)."""
     matrix = (1.08 * rotation_matrix((0.3, 1.0, 0.2), 14.0)) if with_affine else None
     forward = smooth_forward(FIXED, matrix=matrix, offset=(2.0, -1.5, 1.0) if with_affine else (0, 0, 0))
     backward, stats = invert_field(forward, FIXED, MOVING, linear=matrix)
@@ -67,7 +68,8 @@ def test_inverse_on_different_grids_judged_by_sitk(with_affine):
     fixed_order = composed_error(forward_image, backward_image)[central_mask(FIXED, 20.0)]
     assert moving_order.max() < 2e-3
     assert fixed_order.mean() < 0.05
-    assert (jacobian_determinant(backward, MOVING)[central_mask(MOVING)] > 0).all()
+    assert stats.outside_fraction > 0.1
+    assert (jacobian_determinant(backward, MOVING) > 0).all()
 
 
 def test_inverse_converges_where_the_plain_fixed_point_diverges():
@@ -114,7 +116,7 @@ def test_register_writes_an_exact_inverse(small_pair):
     brain = sitk.GetArrayFromImage(moving) > 0.1 * float(sitk.GetArrayViewFromImage(moving).max())
     error = composed_error(result.backward, result.forward)[brain]
     assert error.max() < 2e-3
-    assert report["ice_moving_mean_mm"] < 1e-3 and report["ice_mean_mm"] < 0.1
+    assert report["ice_moving_mean_mm"] < 1e-3 and report["ice_mean_mm"] < 0.2  # the other order's floor
 
 
 def test_bad_shapes_are_refused():

@@ -29,18 +29,22 @@ def brain(image: sitk.Image) -> np.ndarray:
     return array > 0.1 * array.max()
 
 
-def test_optimiser_recovers_a_known_deformation(pair):
-    """From the identity, 20 + 20 iterations bring the field at least 40 % closer to the true one
-    over the brain (mean error to the truth, mm; the phantom's structures are uniform inside, so
-    only their edges pin the deformation down), with no folding."""
+@pytest.mark.parametrize("sigma_field, gain", [(0.5, 0.4), (0.0, 0.25)])
+def test_optimiser_recovers_a_known_deformation(pair, sigma_field, gain):
+    """From the identity, 20 + 20 iterations bring the field closer to the true one over the brain
+    (mean error to the truth, mm; the phantom's structures are uniform inside, so only their edges
+    pin the deformation down), with no folding: by at least 40 % with greedy's smoothing of the
+    field (0.5 voxel), by at least 25 % without it (the default, which Dice on brains prefers: the
+    smoother field is the closer one on this smooth phantom, measured 47 % and 32 %)."""
     fixed, moving, _, _, truth = pair
     true_field, geometry = image_to_field(truth)
     start = np.zeros_like(true_field)
     mask = brain(fixed)
     before = np.linalg.norm(true_field - start, axis=-1)[mask].mean()
-    result = optimise_fullres(fixed, moving, start, FullResSettings(iterations=(20, 20), step=0.5))
+    result = optimise_fullres(fixed, moving, start, FullResSettings(iterations=(20, 20), step=0.5,
+                                                                      sigma_field=sigma_field))
     after = np.linalg.norm(true_field - result, axis=-1)[mask].mean()
-    assert before > 1.5 and after < 0.6 * before
+    assert before > 1.5 and after < (1.0 - gain) * before
     from InverseRegLib.fields import jacobian_determinant
     assert (jacobian_determinant(result, geometry) > 0).all()
 

@@ -1,0 +1,90 @@
+"""Folds removed from a displacement field by smoothing it locally, where and only where it folds.
+
+The iterative stages after the network (:mod:`~.polish`, :mod:`~.fullres`) compose small smoothed
+updates, which keeps a fold-free field fold-free in the continuum; on the voxel grid, with little
+smoothing of the field itself, a few voxels can still end with det(∂φ/∂x) ≤ 0 (measured: up to
+0.0002 % of a 1 mm brain, i.e. about ten voxels, on one pair in six). This step finds them (central
+differences, as every folding figure here is measured), replaces the field in a small neighbourhood
+of each by its Gaussian-smoothed value there, and repeats until no voxel folds or the rounds run
+out. The field elsewhere is untouched, bit for bit.
+
+Arrays: (z, y, x, 3) LPS displacements in mm on ``geometry``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fields import jacobian_determinant
+from .grid import Geometry
+
+#: rounds of local smoothing at most; each smooths the neighbourhoods still folding once more
+ROUNDS = 8
+#: Gaussian of the local smoothing, voxels
+SIGMA = 1.0
+#: voxels around a folding voxel that take the smoothed values
+MARGIN = 2
+
+
+@dataclass
+class Repair:
+    folded_before: int  # voxels with det <= 0 at the start
+    folded_after: int  # and at the end (0 unless the rounds ran out)
+    rounds: int
+    changed: int  # voxels whose displacement was replaced
+
+
+def _box(mask: np.ndarray, pad: int) -> tuple[slice, slice, slice]:
+    """The bounding box of ``mask`` (z, y, x), grown by ``pad`` and clipped to the grid."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        box.append(slice(max(0, int(hit[0]) - pad), min(mask.shape[axis], int(hit[-1]) + 1 + pad)))
+    return tuple(box)
+
+
+def repair_folds(field, geometry: Geometry, rounds: int = ROUNDS, sigma: float = SIGMA,
+                 margin: int = MARGIN) -> tuple[np.ndarray, Repair]:
+    """``(field without folds, Repair)`` for a (z, y, x, 3) field (numpy or tensor; not modified).
+
+    Returns the input itself (as float32 numpy) when nothing folds, so the common case costs one
+    Jacobian. ``det`` is judged over the whole grid."""
+    from .fullres import gaussian_smooth
+    out = np.ascontiguousarray(torch.as_tensor(field).numpy() if isinstance(field, torch.Tensor) else field,
+                               dtype=np.float32)
+    det = jacobian_determinant(out, geometry)
+    bad = det <= 0
+    before = int(bad.sum())
+    if before == 0:
+        return out, Repair(0, 0, 0, 0)
+    out = out.copy()  # the caller's array is never written
+    changed = np.zeros(bad.shape, dtype=bool)
+    radius = margin + int(np.ceil(3 * sigma)) + 1
+    done = 0
+    while bad.any() and done < rounds:
+        done += 1
+        box = _box(bad, radius)
+        crop = torch.from_numpy(np.ascontiguousarray(out[box])).permute(3, 0, 1, 2)[None]
+        smooth = gaussian_smooth(crop.contiguous(), sigma)[0].permute(1, 2, 3, 0).numpy()
+        grow = torch.from_numpy(bad[box].astype(np.float32))[None, None]
+        near = F.max_pool3d(grow, 2 * margin + 1, stride=1, padding=margin)[0, 0].numpy() > 0
+        view = out[box]
+        view[near] = smooth[near]
+        changed[box] |= near
+        # the Jacobian only where it can have changed (the box, one voxel beyond for the differences)
+        outer = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, bad.shape))
+        det_box = jacobian_determinant(out[outer], _sub_geometry(geometry, outer))
+        inner = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(box, outer))
+        bad[box] = det_box[inner] <= 0
+    return out, Repair(before, int(bad.sum()), done, int(changed.sum()))
+
+
+def _sub_geometry(geometry: Geometry, box: tuple[slice, slice, slice]) -> Geometry:
+    """The sub-grid of ``geometry`` that the (z, y, x) ``box`` covers."""
+    start = np.array([box[2].start, box[1].start, box[0].start], dtype=np.float64)
+    size = (box[2].stop - box[2].start, box[1].stop - box[1].start, box[0].stop - box[0].start)
+    origin = np.asarray(geometry.origin) + geometry.index_to_physical @ start
+    return Geometry(size, geometry.spacing, tuple(origin), geometry.direction)
