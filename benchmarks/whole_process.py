@@ -82,7 +82,9 @@ def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float
 
 def ours_command(source: Path, fixed: Path, moving: Path, out: Path, *options: str) -> tuple[list[str], dict]:
     env = {**os.environ, "PYTHONPATH": str(source)}
-    return [sys.executable, "-m", "InverseRegLib", "register", str(fixed), str(moving), "-o", str(out),
+    # -P: without it ``-m`` puts the working directory first on sys.path, and a run started from
+    # a checkout times that checkout's code as 'before' too (it did, in this round's first run)
+    return [sys.executable, "-P", "-m", "InverseRegLib", "register", str(fixed), str(moving), "-o", str(out),
             "--progress", "none", *options], env
 
 
