@@ -53,6 +53,7 @@ def repair_folds(field, geometry: Geometry, rounds: int = ROUNDS, sigma: float =
     Returns the input itself (as float32 numpy) when nothing folds, so the common case costs one
     Jacobian. ``det`` is judged over the whole grid."""
     from .fullres import gaussian_smooth
+    from .polish import _crop
     out = np.ascontiguousarray(torch.as_tensor(field).numpy() if isinstance(field, torch.Tensor) else field,
                                dtype=np.float32)
     det = jacobian_determinant(out, geometry)
@@ -76,15 +77,8 @@ def repair_folds(field, geometry: Geometry, rounds: int = ROUNDS, sigma: float =
         changed[box] |= near
         # the Jacobian only where it can have changed (the box, one voxel beyond for the differences)
         outer = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, bad.shape))
-        det_box = jacobian_determinant(out[outer], _sub_geometry(geometry, outer))
+        det_box = jacobian_determinant(out[outer], _crop(geometry, outer))
         inner = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(box, outer))
         bad[box] = det_box[inner] <= 0
     return out, Repair(before, int(bad.sum()), done, int(changed.sum()))
 
-
-def _sub_geometry(geometry: Geometry, box: tuple[slice, slice, slice]) -> Geometry:
-    """The sub-grid of ``geometry`` that the (z, y, x) ``box`` covers."""
-    start = np.array([box[2].start, box[1].start, box[0].start], dtype=np.float64)
-    size = (box[2].stop - box[2].start, box[1].stop - box[1].start, box[0].stop - box[0].start)
-    origin = np.asarray(geometry.origin) + geometry.index_to_physical @ start
-    return Geometry(size, geometry.spacing, tuple(origin), geometry.direction)
