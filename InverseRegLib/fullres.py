@@ -44,11 +44,16 @@ class FullResSettings:
     """What ``--quality best`` runs; chosen on training pairs (see the model card)."""
     # per level, coarsest first; the last level is full resolution. The default: 10 at full
     # resolution only, after the model-grid stage (InverseRegLib.polish), which takes the coarse
-    # level's place: on the six choice pairs 20 at 2 mm + 10 at 1 mm (without that stage) was
-    # 0.004 Dice better, within the 0.005 margin, and slower (model card)
+    # level's place (second round: 20 at 2 mm + 10 at 1 mm without that stage was 0.004 Dice
+    # better on the six choice pairs, within the 0.005 margin, and slower). Fourth round: 8 were
+    # 0.002 Dice worse there (a tie) and ~2.5 s faster in the whole command; 10 kept for the
+    # Dice goal (model card)
     iterations: tuple[int, ...] = (10,)
-    radius: int = 2  # NCC window (2 r + 1)^3 voxels (greedy's -m NCC 2x2x2)
-    sigma_update: float = 1.5  # Gaussian on each update, voxels of the level's grid
+    # NCC window (2 r + 1)^3 voxels: 7^3 since the fourth round (greedy's -m NCC 2x2x2 is 5^3;
+    # with the update smoothing of 1.0 below, +0.0064 Dice on the choice pairs, beyond the 0.005
+    # margin; a window of 9^3 or smoothing 0.75 tied; the cost does not depend on the window)
+    radius: int = 3
+    sigma_update: float = 1.0  # Gaussian on each update, voxels of the level's grid
     # Gaussian on the whole field after each update; 0 since the model card's third round (+0.009
     # Dice over greedy's 0.5 on the choice pairs, a tie with the variants around it)
     sigma_field: float = 0.0

@@ -24,17 +24,17 @@ import torch
 
 from .device import resolve_device, resolve_precision
 from .errors import InverseRegError
-from .fields import affine_matrix, field_to_image, resample_field, voxel_field_to_physical, warp_image
+from .fields import affine_matrix, field_to_image, folding_percent, resample_field, voxel_field_to_physical, warp_image
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
 from .labels import LABEL_METHODS, check_label_map, compact_labels, grid_mismatch, warp_labels
 from .inverse import invert_field
-from .metrics import bir, dice_per_label, resolve_labels, restrict_labels
+from .metrics import bir, dice_per_label, resolve_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
 from .unfold import repair_folds
-from .quality import ICE_STRIDE, folding_on_image_grid, folding_on_model_grid, inverse_consistency
+from .quality import ICE_STRIDE, folding_on_model_grid, inverse_consistency
 from .warp import compose, warp
 
 Progress = Callable[[float, str], None]
@@ -105,6 +105,12 @@ def _compose_with_affine(field_mm: torch.Tensor, model_grid: Geometry, output_gr
                               post=(np.eye(3), matrix - np.eye(3), offset))
     # A (p + d(p)) + b - p
     return resample_field(field_mm, model_grid, output_grid, post=(matrix, matrix - np.eye(3), offset))
+
+
+def _folding(det: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """(% of the grid, % of ``mask``) with det <= 0: :func:`~.quality.folding_on_image_grid` from
+    a determinant already at hand."""
+    return folding_percent(det), folding_percent(det, mask)
 
 
 def model_geometry(model: LoadedModel, fixed: sitk.Image, normalized: np.ndarray | None = None) -> Geometry:
@@ -307,6 +313,7 @@ def register(
     forward = _compose_with_affine(d_st, geometry, fixed_geometry, transform, inverse=False)
     backward = _compose_with_affine(d_ts, geometry, moving_geometry, transform, inverse=True)
     t_fullres = 0.0
+    forward_determinant = None
     if quality == "best":
         from .fullres import DEFAULT_SETTINGS, optimise_fullres
         check_cancel()
@@ -314,6 +321,7 @@ def register(
         forward = optimise_fullres(fixed, moving, forward, fullres_settings or DEFAULT_SETTINGS,
                                    lambda f, m: report_progress(0.6 + 0.1 * f, m), cancel)
         forward, repair = repair_folds(forward, fixed_geometry)
+        forward_determinant = repair.determinant  # the folding figure below, without a second Jacobian
         folds_repaired, folds_left = folds_repaired + repair.folded_before, repair.folded_after
         t_fullres = time.perf_counter() - t0
     # the written backward field made the inverse of the written forward one (the network's own
@@ -322,6 +330,9 @@ def register(
     backward, inverse_stats = invert_field(forward, fixed_geometry, moving_geometry, initial=backward,
                                            linear=None if transform is None else affine_matrix(transform)[0],
                                            iterations=12 if quality == "fast" else 30)
+    # where the forward field compresses almost to a point its exact inverse can fold: those few
+    # voxels smoothed out locally (unfold.py), exactness given up there only (the report counts them)
+    backward, backward_repair = repair_folds(backward, moving_geometry)
     t_inverse = time.perf_counter() - t0
     # float32 from here on (the files get these values in float64; see RegistrationResult)
     forward = np.ascontiguousarray(forward, dtype=np.float32)
@@ -343,13 +354,13 @@ def register(
         folding_forward = folding_on_model_grid(d_st, geometry, foreground_mask(None, normalized=normalize(fixed_on_model)))
         if polished:
             # d_ts is then only the first-order start of the exact inverse: judge the written field
-            folding_backward = folding_on_image_grid(backward, moving_geometry, moving_mask)
+            folding_backward = _folding(backward_repair.determinant, moving_mask)
         else:
             folding_backward = folding_on_model_grid(d_ts, geometry, foreground_mask(None, normalized=normalize(moving_on_model)))
     else:
         # the full-resolution iterations changed the fields after the model grid: judge the written ones
-        folding_forward = folding_on_image_grid(forward, fixed_geometry, fixed_mask)
-        folding_backward = folding_on_image_grid(backward, moving_geometry, moving_mask)
+        folding_forward = _folding(forward_determinant, fixed_mask)
+        folding_backward = _folding(backward_repair.determinant, moving_mask)
     ice_mean, ice_p95 = inverse_consistency(forward, fixed_geometry, backward, moving_geometry, fixed_mask)
     ice_moving_mean, ice_moving_p95 = inverse_consistency(backward, moving_geometry, forward, fixed_geometry,
                                                           moving_mask)
@@ -387,6 +398,9 @@ def register(
         # voxels of the forward field that folded after the iterations, before unfold.py smoothed them out
         "folds_repaired_forward": folds_repaired,
         "folds_left_forward": folds_left,
+        "folds_repaired_backward": backward_repair.folded_before,
+        "folds_left_backward": backward_repair.folded_after,
+        "voxels_changed_by_fold_repair_backward": backward_repair.changed,
         **inverse_stats.as_report(),
     }
     label_images = {}

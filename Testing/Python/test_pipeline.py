@@ -29,7 +29,9 @@ from inversereg_testlib import geometry_equal, oblique_geometry, small_model, tr
 REPORT_KEYS = {"device", "model_id", "model_path", "preset", "affine", "refine_steps", "seconds_affine",
                "seconds_network", "seconds_to_fields", "seconds_to_warped", "folding_percent_forward", "folding_percent_backward",
                "folding_percent_forward_foreground", "folding_percent_backward_foreground", "ice_mean_mm",
-               "ice_p95_mm", "peak_memory_mb_process", "seconds_total"}
+               "ice_p95_mm", "peak_memory_mb_process", "seconds_total", "folds_repaired_forward",
+               "folds_left_forward", "folds_repaired_backward", "folds_left_backward",
+               "voxels_changed_by_fold_repair_backward"}
 LABEL_KEYS = {"labels", "dice_per_label", "dice_mean", "dice_per_label_backward", "dice_mean_backward", "bir",
               "bir_backward", "dice_mean_before"}
 
