@@ -24,7 +24,7 @@ import torch
 
 from .device import resolve_device, resolve_precision
 from .errors import InverseRegError
-from .fields import affine_matrix, field_to_image, folding_percent, resample_field, voxel_field_to_physical, warp_image
+from .fields import affine_matrix, field_to_image, resample_field, voxel_field_to_physical, warp_image
 from .grid import Geometry, centered_grid, intensity_center, resample_to
 from .imageio import validate_image
 from .intensity import normalize
@@ -34,7 +34,7 @@ from .metrics import bir, dice_per_label, resolve_labels
 from .memory import peak_rss_mb
 from .modelfile import LoadedModel, load_model
 from .unfold import repair_folds
-from .quality import ICE_STRIDE, folding_on_model_grid, inverse_consistency
+from .quality import ICE_STRIDE, folding_of_determinant, folding_on_model_grid, inverse_consistency
 from .warp import compose, warp
 
 Progress = Callable[[float, str], None]
@@ -105,12 +105,6 @@ def _compose_with_affine(field_mm: torch.Tensor, model_grid: Geometry, output_gr
                               post=(np.eye(3), matrix - np.eye(3), offset))
     # A (p + d(p)) + b - p
     return resample_field(field_mm, model_grid, output_grid, post=(matrix, matrix - np.eye(3), offset))
-
-
-def _folding(det: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
-    """(% of the grid, % of ``mask``) with det <= 0: :func:`~.quality.folding_on_image_grid` from
-    a determinant already at hand."""
-    return folding_percent(det), folding_percent(det, mask)
 
 
 def model_geometry(model: LoadedModel, fixed: sitk.Image, normalized: np.ndarray | None = None) -> Geometry:
@@ -354,13 +348,13 @@ def register(
         folding_forward = folding_on_model_grid(d_st, geometry, foreground_mask(None, normalized=normalize(fixed_on_model)))
         if polished:
             # d_ts is then only the first-order start of the exact inverse: judge the written field
-            folding_backward = _folding(backward_repair.determinant, moving_mask)
+            folding_backward = folding_of_determinant(backward_repair.determinant, moving_mask)
         else:
             folding_backward = folding_on_model_grid(d_ts, geometry, foreground_mask(None, normalized=normalize(moving_on_model)))
     else:
         # the full-resolution iterations changed the fields after the model grid: judge the written ones
-        folding_forward = _folding(forward_determinant, fixed_mask)
-        folding_backward = _folding(backward_repair.determinant, moving_mask)
+        folding_forward = folding_of_determinant(forward_determinant, fixed_mask)
+        folding_backward = folding_of_determinant(backward_repair.determinant, moving_mask)
     ice_mean, ice_p95 = inverse_consistency(forward, fixed_geometry, backward, moving_geometry, fixed_mask)
     ice_moving_mean, ice_moving_p95 = inverse_consistency(backward, moving_geometry, forward, fixed_geometry,
                                                           moving_mask)

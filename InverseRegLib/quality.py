@@ -23,17 +23,21 @@ from .grid import Geometry
 ICE_STRIDE = 2
 
 
+def folding_of_determinant(det: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
+    """% voxels with det J <= 0, overall and inside ``mask`` (bool, det's shape; None: the overall
+    figure twice), from a determinant at hand (e.g. :attr:`~.unfold.Repair.determinant`)."""
+    return folding_percent(det), folding_percent(det, mask) if mask is not None else folding_percent(det)
+
+
 def folding_on_model_grid(field_mm: torch.Tensor, geometry: Geometry, mask: np.ndarray | None = None) -> tuple[float, float]:
     """% voxels with det J <= 0 of a (1, 3, D, H, W) LPS-mm field on the model grid, overall and
     inside ``mask`` ((D, H, W) bool; None: the overall figure twice)."""
-    det = jacobian_determinant(field_mm[0].permute(1, 2, 3, 0), geometry)
-    return folding_percent(det), folding_percent(det, mask) if mask is not None else folding_percent(det)
+    return folding_of_determinant(jacobian_determinant(field_mm[0].permute(1, 2, 3, 0), geometry), mask)
 
 
 def folding_on_image_grid(field: np.ndarray, geometry: Geometry, mask: np.ndarray | None = None) -> tuple[float, float]:
     """:func:`folding_on_model_grid` for a (z, y, x, 3) LPS-mm field as written on an image grid."""
-    det = jacobian_determinant(field, geometry)
-    return folding_percent(det), folding_percent(det, mask) if mask is not None else folding_percent(det)
+    return folding_of_determinant(jacobian_determinant(field, geometry), mask)
 
 
 def _strided(geometry: Geometry, stride: int) -> Geometry:
