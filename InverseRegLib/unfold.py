@@ -13,7 +13,10 @@ This step finds them (central differences, as every folding figure here is measu
 the field in a small neighbourhood of each by its Gaussian-smoothed value there, and repeats
 until no voxel folds or the rounds run out: first gently (:data:`GENTLE`: σ 0.7 voxel, the folding
 voxels and one voxel around them), then, for what is left, more widely (σ 1, two voxels around).
-The field elsewhere is untouched, bit for bit. On the backward field this gives up exactness of
+The field elsewhere is untouched, bit for bit. The smoothing runs in one box per 16-voxel cell
+that holds folds, not one box around all of them (scattered over a brain, that was most of the
+grid: 1.0 s against 0.2 s on a best backward field), each reaching 3σ beyond its folds, so the
+values are those of smoothing the whole field. On the backward field this gives up exactness of
 the inverse at the changed voxels only (measured on 11→12: ~1400-2100 voxels changed and
 moving-order inverse consistency 0.0006 → 0.002 mm mean over the brain with the third round's
 best; 6632 voxels and 0.006 mm with the fourth's).
@@ -38,6 +41,8 @@ ROUNDS = 8
 GENTLE = (0.7, 1)
 SIGMA = 1.0
 MARGIN = 2
+#: voxels per side of the cells that group folding voxels into boxes (:func:`_clusters`)
+_BLOCK = 16
 
 
 @dataclass
@@ -48,15 +53,6 @@ class Repair:
     changed: int  # voxels whose displacement was replaced
     #: det(∂φ/∂x) of the returned field, (z, y, x), as :func:`~.fields.jacobian_determinant`
     determinant: np.ndarray | None = dataclass_field(default=None, repr=False, compare=False)
-
-
-def _box(mask: np.ndarray, pad: int) -> tuple[slice, slice, slice]:
-    """The bounding box of ``mask`` (z, y, x), grown by ``pad`` and clipped to the grid."""
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        box.append(slice(max(0, int(hit[0]) - pad), min(mask.shape[axis], int(hit[-1]) + 1 + pad)))
-    return tuple(box)
 
 
 def repair_folds(field, geometry: Geometry, rounds: int = ROUNDS, det: np.ndarray | None = None,
@@ -84,28 +80,53 @@ def repair_folds(field, geometry: Geometry, rounds: int = ROUNDS, det: np.ndarra
     return out, Repair(before, int(bad.sum()), done, int(changed.sum()), det)
 
 
+def _clusters(bad: np.ndarray, pad: int) -> list[tuple[tuple[slice, slice, slice], np.ndarray]]:
+    """``(box, points)`` per :data:`_BLOCK`-voxel cell that holds folding voxels: ``points`` (n, 3) those
+    voxels' indices, ``box`` their bounding box grown by ``pad`` and clipped to the grid (folds lie
+    scattered over a brain; one box around all of them would be most of the grid)."""
+    where = np.argwhere(bad)
+    cells, which = np.unique(where // _BLOCK, axis=0, return_inverse=True)
+    boxes = []
+    for cell in range(len(cells)):
+        points = where[which.reshape(-1) == cell]
+        low, high = points.min(axis=0) - pad, points.max(axis=0) + 1 + pad
+        boxes.append((tuple(slice(max(0, int(a)), min(n, int(b))) for a, b, n in zip(low, high, bad.shape)), points))
+    return boxes
+
+
 def _smooth_rounds(out: np.ndarray, det: np.ndarray, bad: np.ndarray, changed: np.ndarray, geometry: Geometry,
                    rounds: int, sigma: float, margin: int) -> int:
     """Up to ``rounds`` rounds of local smoothing of ``out`` (in place; ``det``, ``bad`` and
-    ``changed`` kept current); returns the rounds run."""
+    ``changed`` kept current); returns the rounds run.
+
+    Each round smooths the field in a box around each cluster of folding voxels and takes the
+    smoothed values within ``margin`` of that cluster's voxels. The boxes reach 3 sigma beyond
+    those, so each value is what smoothing the whole field would give there (all from the field
+    before the round), whichever box it comes from."""
     from .fullres import gaussian_smooth
     from .polish import _crop
     radius = margin + int(np.ceil(3 * sigma)) + 1
     done = 0
     while bad.any() and done < rounds:
         done += 1
-        box = _box(bad, radius)
-        crop = torch.from_numpy(np.ascontiguousarray(out[box])).permute(3, 0, 1, 2)[None]
-        smooth = gaussian_smooth(crop.contiguous(), sigma)[0].permute(1, 2, 3, 0).numpy()
-        grow = torch.from_numpy(bad[box].astype(np.float32))[None, None]
-        near = F.max_pool3d(grow, 2 * margin + 1, stride=1, padding=margin)[0, 0].numpy() > 0
-        view = out[box]
-        view[near] = smooth[near]
-        changed[box] |= near
-        # the Jacobian only where it can have changed (the box, one voxel beyond for the differences)
-        outer = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, bad.shape))
-        det_box = jacobian_determinant(out[outer], _crop(geometry, outer))
-        inner = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(box, outer))
-        det[box] = det_box[inner]
-        bad[box] = det[box] <= 0
+        updates = []
+        for box, points in _clusters(bad, radius):
+            crop = torch.from_numpy(np.ascontiguousarray(out[box])).permute(3, 0, 1, 2)[None]
+            smooth = gaussian_smooth(crop.contiguous(), sigma)[0].permute(1, 2, 3, 0).numpy()
+            seeds = np.zeros(smooth.shape[:3], dtype=np.float32)  # this cluster's folds only
+            local = points - np.asarray([b.start for b in box])
+            seeds[local[:, 0], local[:, 1], local[:, 2]] = 1.0
+            grow = torch.from_numpy(seeds)[None, None]
+            near = F.max_pool3d(grow, 2 * margin + 1, stride=1, padding=margin)[0, 0].numpy() > 0
+            updates.append((box, near, smooth[near]))
+        for box, near, values in updates:
+            out[box][near] = values
+            changed[box] |= near
+        for box, _, _ in updates:
+            # the Jacobian only where it can have changed (the box, one voxel beyond for the differences)
+            outer = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(box, bad.shape))
+            det_box = jacobian_determinant(out[outer], _crop(geometry, outer))
+            inner = tuple(slice(s.start - o.start, s.stop - o.start) for s, o in zip(box, outer))
+            det[box] = det_box[inner]
+            bad[box] = det[box] <= 0
     return done

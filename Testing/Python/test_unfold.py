@@ -1,9 +1,14 @@
 """Fold repair (InverseRegLib/unfold.py), judged by ITK's own Jacobian-determinant filter."""
 import numpy as np
+import torch
 import SimpleITK as sitk
 
 from InverseRegLib.fields import field_to_image
 from InverseRegLib.grid import Geometry
+import pytest
+
+from InverseRegLib import unfold
+from InverseRegLib.fullres import gaussian_smooth
 from InverseRegLib.unfold import repair_folds
 
 GRID = Geometry((28, 26, 24), (1.2, 1.0, 0.9), (-10.0, 4.0, 2.5), (1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0))
@@ -69,3 +74,22 @@ def test_the_gentle_pass_changes_fewer_voxels_and_the_determinant_is_itks():
     # a determinant that says nothing folds: the field comes back untouched
     untouched, said = repair_folds(field, GRID, det=np.ones(field.shape[:3], dtype=np.float32))
     assert said.folded_before == 0 and np.array_equal(untouched, field)
+
+
+@pytest.mark.parametrize("block", [4, 16, 64])
+def test_one_round_takes_the_whole_fields_smoothed_values_whatever_the_boxes(monkeypatch, block):
+    """The folds are smoothed in one box per cell of folding voxels (a few voxels per box on a
+    brain, not a box around all of them): after one round the changed voxels hold exactly what
+    smoothing the whole field gives there, for cells small enough to split the two folds apart
+    and large enough to hold both."""
+    monkeypatch.setattr(unfold, "_BLOCK", block)
+    field = folded_field()
+    repaired, report = repair_folds(field, GRID, rounds=1, passes=((1.0, 2),))
+    changed = np.any(repaired != field, axis=-1)
+    assert report.rounds == 1 and changed.sum() == report.changed > 0
+    whole = gaussian_smooth(torch.from_numpy(field).permute(3, 0, 1, 2)[None].contiguous(), 1.0)
+    whole = whole[0].permute(1, 2, 3, 0).numpy()
+    np.testing.assert_allclose(repaired[changed], whole[changed], atol=1e-5)
+    if block == 4:  # the two folds fall into cells of their own
+        bad = itk_determinant(field) <= 0
+        assert len(np.unique(np.argwhere(bad) // block, axis=0)) >= 2
