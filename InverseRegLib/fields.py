@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from .grid import Geometry
+from .sampling import grid_sample
 
 #: points are sampled in slabs of this many to bound peak memory on large grids
 _CHUNK = 2_000_000
@@ -88,7 +88,7 @@ def resample_field(field: torch.Tensor, field_geometry: Geometry, output_geometr
                                           (nx, ny), (z0, z1))
         else:
             grid = index_affine(output_geometry, grid_matrix, grid_offset, field.device, (z0, z1))
-            values = F.grid_sample(volume, grid[None], mode="bilinear", padding_mode="border", align_corners=True)
+            values = grid_sample(volume, grid[None], padding_mode="border")
         values = values[0].permute(1, 2, 3, 0)
         if post is not None:
             matrix, linear, constant = (np.asarray(x, dtype=np.float64) for x in post)
@@ -193,8 +193,8 @@ def _sample_normalized(volume: torch.Tensor, grid: torch.Tensor, geometry: Geome
     """``grid_sample`` at (..., 3) normalised coordinates of ``geometry``; -> (N, C) float32,
     with the 'itk' padding rule of :func:`sample_grid`."""
     itk = padding_mode == "itk"
-    values = F.grid_sample(volume.float(), grid.reshape(1, 1, 1, -1, 3), mode=mode,
-                           padding_mode="border" if itk else padding_mode, align_corners=True)
+    values = grid_sample(volume.float(), grid.reshape(1, 1, 1, -1, 3), mode=mode,
+                         padding_mode="border" if itk else padding_mode)
     values = values[0, :, 0, 0].T
     if itk:
         # ITK's IsInsideBuffer: continuous index in [-0.5, n - 0.5); normalised index 2i/(n-1) - 1

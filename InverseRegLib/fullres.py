@@ -31,12 +31,12 @@ from typing import Callable
 import numpy as np
 import SimpleITK as sitk
 import torch
-import torch.nn.functional as F
 
 from .errors import InverseRegError
 from .fields import _is_diagonal, _times_transpose, _to_normalized, index_affine, resample_field
 from .grid import Geometry
 from .intensity import normalize
+from .sampling import grid_sample
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def iterate_ncc(i: torch.Tensor, m: torch.Tensor, field: torch.Tensor, fixed_geo
             from .pipeline import Cancelled
             raise Cancelled(f"registration cancelled during full-resolution iteration {it + 1}")
         grid = base_moving + _times_transpose(field, k_moving)
-        j = F.grid_sample(m, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+        j = grid_sample(m, grid[None], padding_mode="zeros")
         del grid
         means = _box_mean(torch.cat([j, j * j, i * j], dim=1), r)
         j_mean = means[:, :1]
@@ -238,8 +238,8 @@ def iterate_ncc(i: torch.Tensor, m: torch.Tensor, field: torch.Tensor, fixed_geo
             update_cf = force.mul_(scale)
             update = update_cf[0].permute(1, 2, 3, 0).contiguous()
             # f(x) <- u(x) + f(x + u(x))
-            moved = F.grid_sample(field_cf, (base_fixed + _times_transpose(update, k_fixed))[None],
-                                  mode="bilinear", padding_mode="border", align_corners=True)
+            moved = grid_sample(field_cf, (base_fixed + _times_transpose(update, k_fixed))[None],
+                                padding_mode="border")
             field_cf = moved.add_(update_cf)
             if on_update is not None:
                 on_update(update_cf)

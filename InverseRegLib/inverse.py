@@ -44,10 +44,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .fields import _to_normalized, index_affine
 from .grid import Geometry
+from .sampling import grid_sample
 
 #: stop when every point's residual |φ(q + b(q)) - q| is below this (mm); float32 coordinates of
 #: ~100 mm carry ~1e-5 mm of rounding, so this is about as tight as float32 allows
@@ -491,8 +491,7 @@ class _Extended:
 
 def _sample(forward: _Extended, grid: torch.Tensor) -> torch.Tensor:
     """Samples, planar (3, N), of ``forward`` at (N, 3) grid_sample coordinates."""
-    out = F.grid_sample(forward.volume, grid.view(1, 1, 1, -1, 3), mode="bilinear", padding_mode="border",
-                        align_corners=True)[0, :, 0, 0]
+    out = grid_sample(forward.volume, grid.view(1, 1, 1, -1, 3), padding_mode="border")[0, :, 0, 0]
     if forward.extension is not None:
         excess = grid - grid.clamp(-1.0, 1.0)
         out = out + (excess @ forward.extension.T).T

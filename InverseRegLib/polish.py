@@ -20,13 +20,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import torch.nn.functional as F
 
 from .errors import InverseRegError
 from .fields import _times_transpose, _to_normalized, index_affine
 from .fullres import FullResSettings, iterate_ncc
 from .grid import Geometry
 from .inverse import invert_field
+from .sampling import grid_sample
 
 #: the default's model-grid stage; chosen on the training pairs of the model card's protocol (third
 #: round: no smoothing of the field itself and a 1-voxel update smoothing, +0.013 Dice over
@@ -90,7 +90,7 @@ def polish_fields(target: np.ndarray, source: np.ndarray, d_st: torch.Tensor, d_
     def track(update: torch.Tensor) -> None:
         nonlocal back
         grid = base + _times_transpose(back, k)
-        moved = F.grid_sample(update, grid[None], mode="bilinear", padding_mode="zeros", align_corners=True)
+        moved = grid_sample(update, grid[None], padding_mode="zeros")
         back = back.sub_(moved[0].permute(1, 2, 3, 0))
 
     field = iterate_ncc(i, m, field, cropped, geometry, iterations, settings, cancel=cancel, on_update=track)

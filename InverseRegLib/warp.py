@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .sampling import grid_sample
+
 
 def identity_grid(shape: tuple[int, int, int], device=None, dtype=torch.float32) -> torch.Tensor:
     """Voxel index coordinates ``(1, 3, D, H, W)``, channels in (x, y, z) order."""
@@ -56,9 +58,7 @@ def warp(
     shape = tuple(displacement.shape[2:])
     coords = identity_grid(shape, displacement.device, displacement.dtype) + displacement
     grid = voxel_to_normalized(coords, shape)
-    return F.grid_sample(
-        image.to(displacement.dtype), grid, mode=mode, padding_mode=padding_mode, align_corners=True
-    )
+    return grid_sample(image.to(displacement.dtype), grid, mode=mode, padding_mode=padding_mode)
 
 
 def compose(outer: torch.Tensor, inner: torch.Tensor) -> torch.Tensor:
