@@ -99,17 +99,43 @@ def _axis_matrix(n: int, kind: str, parameter: float) -> torch.Tensor:
     return torch.from_numpy(matrix.astype(np.float32))
 
 
+#: output rows per block of an axis product: each block multiplies only the (rows + 2 radius)
+#: input rows its band reaches, not the whole axis (about 4x fewer operations on a 1 mm brain)
+_BAND_BLOCK = 32
+
+
+def _band_blocks(n: int, radius: int) -> list[tuple[int, int, int, int]]:
+    """(first row, row stop, first column, column stop) of each block of a banded (n, n) matrix."""
+    return [(a, min(n, a + _BAND_BLOCK), max(0, a - radius), min(n, a + _BAND_BLOCK + radius))
+            for a in range(0, n, _BAND_BLOCK)]
+
+
 def _separable(volume: torch.Tensor, kind: str, parameter: float) -> torch.Tensor:
     """A 1D filter (:func:`_axis_matrix`) along each of D, H, W of (1, C, D, H, W).
 
-    Each axis is one dense matrix product: BLAS does the 5-11 taps of these filters several times
-    faster than shifted multiply-adds or ``avg_pool3d`` on a CPU (the band's zeros cost less than
-    the passes over memory they save)."""
+    Each axis is a few dense matrix products, one per block of :data:`_BAND_BLOCK` output rows
+    with the input rows its band reaches: BLAS does these 5-13 taps several times faster than
+    shifted multiply-adds or ``avg_pool3d`` on a CPU, and the blocks skip most of the band's zeros
+    (measured 1.9x faster than one product over the whole axis on a 1 mm brain's 3 channels)."""
     channels, depth, height, width = volume.shape[1:]
-    out = torch.matmul(volume.reshape(channels * depth * height, width), _axis_matrix(width, kind, parameter).T)
-    out = torch.matmul(_axis_matrix(height, kind, parameter), out.view(channels * depth, height, width))
-    out = torch.matmul(_axis_matrix(depth, kind, parameter), out.view(channels, depth, height * width))
-    return out.view(1, channels, depth, height, width)
+    radius = int(parameter) if kind == "box" else len(_gaussian_kernel(parameter)) // 2
+    rows = volume.reshape(channels * depth * height, width)
+    along_x = torch.empty_like(rows)
+    matrix = _axis_matrix(width, kind, parameter).T
+    for a, b, c0, c1 in _band_blocks(width, radius):
+        along_x[:, a:b] = torch.mm(rows[:, c0:c1], matrix[c0:c1, a:b])
+    planes = along_x.view(channels * depth, height, width)
+    along_y = torch.empty_like(planes)
+    matrix = _axis_matrix(height, kind, parameter)
+    for a, b, c0, c1 in _band_blocks(height, radius):
+        along_y[:, a:b] = torch.matmul(matrix[a:b, c0:c1], planes[:, c0:c1])
+    slabs = along_y.view(channels, depth, height * width)
+    along_z = torch.empty_like(slabs)
+    matrix = _axis_matrix(depth, kind, parameter)
+    for channel in range(channels):
+        for a, b, c0, c1 in _band_blocks(depth, radius):
+            torch.mm(matrix[a:b, c0:c1], slabs[channel, c0:c1], out=along_z[channel, a:b])
+    return along_z.view(1, channels, depth, height, width)
 
 
 def gaussian_smooth(volume: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -80,12 +80,28 @@ def test_gaussian_smooth_matches_scipy():
     import torch
     from scipy.ndimage import gaussian_filter
     rng = np.random.default_rng(0)
-    volume = rng.standard_normal((20, 22, 24)).astype(np.float32)
-    for sigma in (0.5, 1.5):
-        ours = gaussian_smooth(torch.from_numpy(volume)[None, None], sigma)[0, 0].numpy()
-        radius = max(1, int(np.ceil(3.0 * sigma)))
-        theirs = gaussian_filter(volume.astype(np.float64), sigma, mode="nearest", truncate=radius / sigma)
-        assert np.allclose(ours, theirs, atol=1e-5)
+    # axes shorter than one block of the banded products, and longer ones (several blocks, a
+    # short last one), where every block must reach the band's rows across its edges
+    for shape in ((20, 22, 24), (70, 33, 97)):
+        volume = rng.standard_normal(shape).astype(np.float32)
+        for sigma in (0.5, 1.0, 1.5):
+            ours = gaussian_smooth(torch.from_numpy(volume)[None, None], sigma)[0, 0].numpy()
+            radius = max(1, int(np.ceil(3.0 * sigma)))
+            theirs = gaussian_filter(volume.astype(np.float64), sigma, mode="nearest", truncate=radius / sigma)
+            assert np.allclose(ours, theirs, atol=1e-5), (shape, sigma)
+
+
+def test_box_mean_matches_torch_average_pooling():
+    """The NCC window's mean: torch's own 3D average over the window's voxels inside the grid
+    (``count_include_pad=False``), for several channels and axes of one to several blocks."""
+    import torch
+    import torch.nn.functional as F
+    from InverseRegLib.fullres import _box_mean
+    volume = torch.rand(1, 3, 70, 33, 97, generator=torch.Generator().manual_seed(1), dtype=torch.float64).float()
+    for radius in (2, 3, 4):
+        ours = _box_mean(volume, radius)
+        theirs = F.avg_pool3d(volume.double(), 2 * radius + 1, stride=1, padding=radius, count_include_pad=False)
+        assert torch.allclose(ours.double(), theirs, atol=1e-6), radius
 
 
 def test_bad_quality_and_settings_are_refused(pair):
