@@ -30,15 +30,17 @@ def grid_sample(volume: torch.Tensor, grid: torch.Tensor, mode: str = "bilinear"
         return F.grid_sample(volume, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
     spatial = tuple(grid.shape[1:-1])
     channels = volume.shape[1]
-    per_thread = -(-points // threads)
+    per_thread, rest = divmod(points, threads)
     flat = grid.reshape(points, 3)
-    if per_thread * threads != points:  # the last thread's share padded; its extra samples dropped
-        flat = torch.cat([flat, flat.new_zeros(per_thread * threads - points, 3)])
-    out = F.grid_sample(volume.expand(threads, *volume.shape[1:]), flat.view(threads, 1, 1, per_thread, 3),
+    split = threads * per_thread  # the first ``split`` points, a view; the ``rest`` (< threads) apart
+    out = F.grid_sample(volume.expand(threads, *volume.shape[1:]), flat[:split].view(threads, 1, 1, per_thread, 3),
                         mode=mode, padding_mode=padding_mode, align_corners=True)
-    # (threads, C, 1, 1, per_thread): thread-major; one channel is already in point order
-    if channels == 1:
-        values = out.view(1, threads * per_thread)
-    else:
-        values = out.view(threads, channels, per_thread).transpose(0, 1).reshape(channels, threads * per_thread)
-    return values[:, :points].reshape(1, channels, *spatial)
+    # (threads, C, 1, 1, per_thread): thread-major, which is point order only for one channel
+    if channels == 1 and rest == 0:
+        return out.view(1, 1, *spatial)
+    values = out.new_empty(channels, points)
+    values[:, :split].view(channels, threads, per_thread).copy_(out.view(threads, channels, per_thread).transpose(0, 1))
+    if rest:
+        values[:, split:] = F.grid_sample(volume, flat[split:].view(1, 1, 1, rest, 3), mode=mode,
+                                          padding_mode=padding_mode, align_corners=True).view(channels, rest)
+    return values.view(1, channels, *spatial)
