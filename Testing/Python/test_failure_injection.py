@@ -127,7 +127,6 @@ def assert_report_describes_the_folder(outdir: Path) -> None:
     for name, record in report["files"].items():
         data = (outdir / name).read_bytes()
         assert len(data) == record["bytes"]
-        import hashlib
         assert hashlib.sha256(data).hexdigest() == record["sha256"], name
 
 

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 from InverseRegLib.cli import main
 from InverseRegLib.grid import Geometry
 from InverseRegLib.jacobian import LOG_FLOOR, jacobian_image
-from InverseRegLib.synthetic import SmoothDeformation, default_geometry, make_pair
+from InverseRegLib.synthetic import SmoothDeformation, default_geometry
 from inversereg_testlib import oblique_geometry
 
 K = 2 * np.pi / 50.0

@@ -21,7 +21,7 @@ import torch
 from InverseRegLib.errors import InverseRegError
 from InverseRegLib.fields import affine_matrix, field_to_image
 from InverseRegLib.grid import Geometry
-from InverseRegLib.modelfile import load_model
+from InverseRegLib.modelfile import LoadedModel, load_model
 from InverseRegLib.pipeline import Cancelled, _compose_with_affine, model_geometry, register
 from InverseRegLib.polish import NETWORK_ONLY
 from inversereg_testlib import geometry_equal, oblique_geometry, small_model, trained_model_path
@@ -118,7 +118,7 @@ def test_outputs_on_the_original_grids_and_inverse_consistent(small_pair, which)
         assert report[key] == 0.0
 
 
-def translation_model(preset: str, voxels) -> "LoadedModel":  # noqa: F821
+def translation_model(preset: str, voxels) -> LoadedModel:
     """A network that outputs the constant ``voxels`` (x, y, z) as φST and its negative as φTS:
     heads zeroed, biases set. For the velocity presets the constant is the velocity, whose
     exponential is the same translation."""
