@@ -346,7 +346,7 @@ def cmd_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     weights = {k: v for k, v in (("ncc", args.weight_ncc), ("cycle", args.weight_cycle),
-                                 ("smooth", args.weight_smooth)) if v is not None}
+                                 ("smooth", args.weight_smooth), ("dice", args.weight_dice)) if v is not None}
     config = TrainConfig(data_dir=args.data_dir, run_dir=args.output, preset=args.preset, steps=args.steps,
                          lr=args.lr, seed=args.seed, spacing=args.spacing, val_subjects=args.val,
                          val_every=args.val_every, checkpoint_every=args.checkpoint_every, augment=args.augment,
@@ -467,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-ncc", type=float)
     p.add_argument("--weight-cycle", type=float)
     p.add_argument("--weight-smooth", type=float)
+    p.add_argument("--weight-dice", type=float,
+                   help="weight of a soft Dice of the training label maps carried through both fields "
+                        "(needs a label map per training subject; --labels picks the structures; "
+                        "registration itself needs no labels)")
     p.add_argument("--ncc-window", type=int)
     p.add_argument("--labels", help="labels for validation Dice: all (default), freesurfer or a list")
     p.add_argument("--resume", action="store_true", help="continue the run in the output folder")

@@ -1,4 +1,5 @@
-"""Training losses: local NCC, the paper's cycle L1 term, and a diffusion smoothness penalty.
+"""Training losses: local NCC, the paper's cycle L1 term, a diffusion smoothness penalty and,
+for training subjects with label maps, a soft Dice of the labels carried through each field.
 
 All take and return tensors; shapes are (B, C, D, H, W). Each returns a scalar to *minimise*
 except :func:`local_ncc`, which returns the similarity itself (higher is better) so that its
@@ -76,6 +77,32 @@ def diffusion(field: torch.Tensor) -> torch.Tensor:
     return (dz.pow(2).mean() + dy.pow(2).mean() + dx.pow(2).mean()) / 3.0
 
 
+def one_hot_labels(label: torch.Tensor, label_set) -> torch.Tensor:
+    """(D, H, W) integer label map -> (1, K, D, H, W) float32 one-hot of the K labels of
+    ``label_set`` (every other value, background included, is in no channel)."""
+    values = torch.as_tensor(list(label_set), dtype=label.dtype, device=label.device)
+    if values.numel() == 0:
+        raise ValueError("label_set is empty")
+    return (label[None] == values.view(-1, 1, 1, 1)).float()[None]
+
+
+def soft_dice_loss(moved: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """1 - mean over channels of 2|A∩B| / (|A| + |B|) for (B, K, D, H, W) soft masks in [0, 1].
+
+    Channels absent from both masks are left out of the mean (their Dice is undefined), so a
+    structure missing from a pair neither rewards nor penalises the field."""
+    if moved.shape != reference.shape:
+        raise ValueError(f"label masks differ in shape: {tuple(moved.shape)} vs {tuple(reference.shape)}")
+    dims = tuple(range(2, moved.dim()))
+    overlap = (moved * reference).sum(dims)
+    size = moved.sum(dims) + reference.sum(dims)
+    present = size > eps
+    if not bool(present.any()):
+        return moved.sum() * 0.0
+    dice = 2.0 * overlap[present] / size[present]
+    return 1.0 - dice.mean()
+
+
 def registration_loss(
     source: torch.Tensor,
     target: torch.Tensor,
@@ -84,12 +111,19 @@ def registration_loss(
     aux: dict,
     preset: Preset,
     weights: dict | None = None,
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The paper's objective plus the optional smoothness term; returns (total, parts).
+    """The paper's objective plus the optional smoothness and label terms; returns (total, parts).
 
     total = w_ncc * (-NCC(S∘φST, T) - NCC(T∘φTS, S))
           + w_cycle * (|(T∘φTS)∘φST - T|_1 + |(S∘φST)∘φTS - S|_1)
           + w_smooth * (diffusion(raw_st) + diffusion(raw_ts))
+          + w_dice * (DiceLoss(L_S∘φST, L_T) + DiceLoss(L_T∘φTS, L_S))
+
+    ``labels``: (source, target) one-hot masks (B, K, D, H, W) (:func:`one_hot_labels`), needed
+    when ``w_dice`` > 0; carried trilinearly (soft masks), so the term has a gradient. Inference
+    needs no labels: they only shape the network's fields during training (VoxelMorph's
+    semi-supervised variant).
     """
     w = dict(preset.weights if weights is None else weights)
     source_warped = warp(source, u_st)  # S∘φST, in target space
@@ -106,5 +140,13 @@ def registration_loss(
         smooth = diffusion(aux["raw_st"]) + diffusion(aux["raw_ts"])
         total = total + w["smooth"] * smooth
         parts["smooth"] = float(smooth.detach())
+    if w.get("dice", 0.0) > 0:
+        if labels is None:
+            raise ValueError("the loss has a Dice weight but no label maps were given")
+        source_labels, target_labels = labels
+        dice = (soft_dice_loss(warp(source_labels, u_st), target_labels)
+                + soft_dice_loss(warp(target_labels, u_ts), source_labels))
+        total = total + w["dice"] * dice
+        parts["dice"] = float(dice.detach())
     parts["loss"] = float(total.detach())
     return total, parts

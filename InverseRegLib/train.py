@@ -30,7 +30,7 @@ from .errors import InverseRegError
 from .grid import Geometry
 from .imageio import write_text_atomic
 from .intensity import DEFAULT_NORMALIZATION
-from .losses import registration_loss
+from .losses import one_hot_labels, registration_loss
 from .metrics import dice_per_label
 from .model import InverseNet
 from .modelfile import ModelGridSpec, atomic_torch_save, export_model
@@ -305,6 +305,17 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
         _truncate_log(val_path, start_step)
     pairs = [(i, j) for i in range(len(train_images)) for j in range(len(train_images)) if i != j]
     synth_ok = all(label is not None for label in train_labels)
+    # the label term (weight "dice"): the training subjects' label maps carried through both fields
+    use_labels = preset.weights.get("dice", 0.0) > 0
+    if use_labels:
+        if not synth_ok:
+            missing = [s.name for s, label in zip(train_subjects, train_labels) if label is None]
+            raise InverseRegError(f"--weight-dice needs a label map for every training subject; none for {missing}")
+        present = set(np.unique(np.concatenate([np.unique(label) for label in train_labels]))) - {0}
+        label_channels = [int(v) for v in (label_set if label_set is not None else sorted(present))]
+        if not set(label_channels) & present:
+            raise InverseRegError(f"--weight-dice: none of the labels {label_channels} is in the training label maps")
+        train_label_tensors = [torch.from_numpy(label) for label in train_labels]
 
     bar = None
     if progress and rank == 0:
@@ -337,16 +348,22 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
                 target = augment_intensity(target, rng, normalization)
         source = source[None, None].to(device)
         target = target[None, None].to(device)
+        pair_labels = None
+        if use_labels:
+            pair_labels = (one_hot_labels(train_label_tensors[i], label_channels).to(device),
+                           one_hot_labels(train_label_tensors[j], label_channels).to(device))
         if config.cascade and rng.random() < config.cascade:
             # what a second pass sees at registration (pipeline.run_network): the source after one
             # pass of the current network, so the network also learns the small residual motions
             with torch.no_grad(), torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 first, _, _ = network(source, target)
             source = warp(source, first.float())
+            if pair_labels is not None:  # the source's labels go where its voxels went
+                pair_labels = (warp(pair_labels[0], first.float()), pair_labels[1])
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
             u_st, u_ts, aux = trainable(source, target)
         loss, parts = registration_loss(source, target, u_st.float(), u_ts.float(),
-                                        {k: v.float() for k, v in aux.items()}, preset)
+                                        {k: v.float() for k, v in aux.items()}, preset, labels=pair_labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -358,7 +375,7 @@ def train(config: TrainConfig, progress: bool = True, label_set=None, resume: bo
             new = not log_path.exists()
             with log_path.open("a", newline="", encoding="utf-8") as handle:
                 writer = csv.writer(handle)
-                keys = ["loss", "ncc_st", "ncc_ts", "cycle", "smooth"]
+                keys = ["loss", "ncc_st", "ncc_ts", "cycle", "smooth"] + (["dice"] if use_labels else [])
                 if new:
                     writer.writerow(["step", *keys, "seconds"])
                 writer.writerow([done, *[f"{parts.get(k, 0.0):.6f}" for k in keys], f"{elapsed:.1f}"])

@@ -388,3 +388,46 @@ def test_cosine_schedule_drives_the_optimiser(data_dirs, tmp_path, capsys):
     with pytest.raises(InverseRegError, match="lr-schedule"):
         train_module.train(train_module.TrainConfig(data_dir=str(data_dirs["data3"]), run_dir=str(tmp_path / "x"),
                                                     steps=1, lr_schedule="step"), progress=False)
+
+
+def test_weight_dice_adds_the_label_term(short_run, data_dirs, tmp_path, capsys, monkeypatch):
+    """``--weight-dice W``: each step's loss is the plain loss plus W times the logged Dice term
+    (the same pairs and draws: lr 0 runs side by side), the weight is recorded, with ``--cascade``
+    the source's labels are warped by the same first pass as the source, and a training subject
+    without its label map is refused in one line. (That the term pulls the field the right way:
+    test_losses.py.)"""
+    common = ("--lr", "0", "--augment", "0", "--synth", "0", "--labels", "2,41")
+    plain, labelled = tmp_path / "plain", tmp_path / "labelled"
+    assert main(train_args(data_dirs["data3"], plain, 3, *common)) == 0
+    assert main(train_args(data_dirs["data3"], labelled, 3, *common, "--weight-dice", "2")) == 0
+    for before, after in zip(read_log(plain), read_log(labelled)):
+        assert "dice" not in before and 0.05 < float(after["dice"]) <= 2.0
+        assert float(after["loss"]) == pytest.approx(float(before["loss"]) + 2.0 * float(after["dice"]), abs=2e-5)
+    assert load_model(labelled / "model.pt").preset.weights["dice"] == 2.0
+
+    payload = torch.load(short_run / "model.pt", weights_only=True)
+    for name in ("decoder_st.head.weight", "decoder_ts.head.weight"):
+        payload["state_dict"][name] = payload["state_dict"][name] * 3.0  # a first pass that moves voxels
+    moving_model = tmp_path / "moving.pt"
+    torch.save(payload, moving_model)
+    calls = []
+    real_warp = train_module.warp
+
+    def recording_warp(image, displacement, *args, **kwargs):
+        calls.append((image.shape[1], displacement))
+        return real_warp(image, displacement, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "warp", recording_warp)
+    assert main(train_args(data_dirs["data3"], tmp_path / "cascade", 2, *common, "--weight-dice", "1",
+                           "--cascade", "1", "--init", moving_model)) == 0
+    monkeypatch.setattr(train_module, "warp", real_warp)
+    assert [channels for channels, _ in calls] == [1, 2, 1, 2]  # per step: the image, then its 2 label channels
+    for (_, image_field), (_, label_field) in zip(calls[0::2], calls[1::2]):
+        assert label_field is image_field and float(image_field.abs().max()) > 0.1
+
+    unlabelled = tmp_path / "unlabelled"
+    shutil.copytree(data_dirs["data3"], unlabelled)
+    (unlabelled / "seg_01.nii.gz").unlink()
+    code = main(train_args(unlabelled, tmp_path / "refused", 1, "--weight-dice", "1"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--weight-dice" in err[0] and "01" in err[0], err

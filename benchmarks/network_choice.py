@@ -1,0 +1,106 @@
+"""Two networks compared through the whole of ``register()`` on ordered pairs (the model card's
+protocol for choosing a network): ``--quality fast`` and ``best`` with each model file, every
+figure from register()'s own report (label maps carried through the written fields). The affine
+of each pair does not depend on the network and is computed once (``--cache``). One JSON line
+per model, pair and quality is appended to ``--out``; ``--summary FILE`` prints the table, each
+model against the one named ``bundled``.
+
+    python benchmarks/network_choice.py --data ../shared/data/brains --pairs 08-09 09-08 \\
+        --model bundled=Resources/InverseReg-default.pt --model new=runs/x/best_model.pt --out runs/choice.jsonl
+    python benchmarks/network_choice.py --summary runs/choice.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from InverseRegLib import affine as affine_module
+from InverseRegLib import pipeline
+from InverseRegLib.modelfile import load_model
+
+
+def cache_affine(cache: Path) -> dict:
+    """Wrap affine_align so each pair's transform is read from ``cache`` after its first call."""
+    state = {"key": None}
+    real = affine_module.affine_align
+
+    def affine_align(fixed, moving, **kwargs):
+        path = cache / f"{state['key']}_affine.tfm"
+        if path.exists():
+            return sitk.ReadTransform(str(path))
+        transform = real(fixed, moving, **kwargs)
+        sitk.WriteTransform(transform, str(path))
+        return transform
+
+    affine_module.affine_align = affine_align
+    return state
+
+
+def summary(path: str) -> None:
+    rows = [json.loads(line) for line in open(path)]
+    base = {(r["pair"], r["quality"]): r["dice"] for r in rows if r["model"] == "bundled"}
+    print("| network | quality | pairs | Dice fwd | Dice bwd | mean | vs bundled | folding % fwd / bwd (worst) "
+          "| ICE mm fixed / moving |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for quality in ("fast", "best"):
+        for name in dict.fromkeys(r["model"] for r in rows):
+            group = [r for r in rows if r["model"] == name and r["quality"] == quality]
+            if not group:
+                continue
+            gains = [r["dice"] - base[(r["pair"], quality)] for r in group if (r["pair"], quality) in base]
+            print(f"| {name} (`{group[0]['model_id']}`) | {quality} | {len(group)} | "
+                  f"{np.mean([r['dice_fwd'] for r in group]):.4f} | {np.mean([r['dice_bwd'] for r in group]):.4f} | "
+                  f"{np.mean([r['dice'] for r in group]):.4f} | {np.mean(gains) if gains else float('nan'):+.4f} | "
+                  f"{max(r['fold_fwd'] for r in group):.4f} / {max(r['fold_bwd'] for r in group):.4f} | "
+                  f"{np.mean([r['ice'] for r in group]):.3f} / {np.mean([r['ice_moving'] for r in group]):.4f} |")
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--summary":
+        summary(sys.argv[2])
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--pairs", nargs="+", required=True, help="FIXED-MOVING subject numbers, e.g. 08-09")
+    parser.add_argument("--model", action="append", required=True, help="NAME=PATH (one named 'bundled' is the base)")
+    parser.add_argument("--quality", nargs="+", default=["fast", "best"])
+    parser.add_argument("--cache", default="runs/network_choice_cache")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    state = cache_affine(cache)
+    data = Path(args.data)
+    for spec in args.model:
+        name, path = spec.split("=", 1)
+        model = load_model(path, device="cpu")
+        for pair in args.pairs:
+            f, m = pair.split("-")
+            state["key"] = f"{f}_{m}"
+            fixed = sitk.ReadImage(str(data / f"img_{f}.nii.gz"), sitk.sitkFloat32)
+            moving = sitk.ReadImage(str(data / f"img_{m}.nii.gz"), sitk.sitkFloat32)
+            fixed_seg, moving_seg = (sitk.ReadImage(str(data / f"seg_{s}.nii.gz")) for s in (f, m))
+            for quality in args.quality:
+                report = pipeline.register(fixed, moving, model=model, device="cpu", fixed_seg=fixed_seg,
+                                           moving_seg=moving_seg, labels="freesurfer", quality=quality).report
+                row = {"model": name, "model_id": model.model_id, "pair": pair, "quality": quality,
+                       "dice_fwd": report["dice_mean"], "dice_bwd": report["dice_mean_backward"],
+                       "dice": 0.5 * (report["dice_mean"] + report["dice_mean_backward"]),
+                       "fold_fwd": report["folding_percent_forward"], "fold_bwd": report["folding_percent_backward"],
+                       "ice": report["ice_mean_mm"], "ice_moving": report["ice_moving_mean_mm"],
+                       "seconds": report["seconds_total"]}
+                print(json.dumps(row), flush=True)
+                with open(args.out, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
