@@ -1,7 +1,8 @@
 """Two networks compared through the whole of ``register()`` on ordered pairs (the model card's
 protocol for choosing a network): ``--quality fast`` and ``best`` with each model file, every
 figure from register()'s own report (label maps carried through the written fields). The affine
-of each pair does not depend on the network and is computed once (``--cache``). One JSON line
+of each pair does not depend on the network and is computed once (``--cache``, as
+``quality_tuning.py`` caches it). One JSON line
 per model, pair and quality is appended to ``--out``; ``--summary FILE`` prints the table, each
 model against the one named ``bundled``.
 
@@ -20,26 +21,9 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from InverseRegLib import affine as affine_module
 from InverseRegLib import pipeline
 from InverseRegLib.modelfile import load_model
-
-
-def cache_affine(cache: Path) -> dict:
-    """Wrap affine_align so each pair's transform is read from ``cache`` after its first call."""
-    state = {"key": None}
-    real = affine_module.affine_align
-
-    def affine_align(fixed, moving, **kwargs):
-        path = cache / f"{state['key']}_affine.tfm"
-        if path.exists():
-            return sitk.ReadTransform(str(path))
-        transform = real(fixed, moving, **kwargs)
-        sitk.WriteTransform(transform, str(path))
-        return transform
-
-    affine_module.affine_align = affine_align
-    return state
+from quality_tuning import cached  # benchmarks/ is on the path when this script runs
 
 
 def summary(path: str) -> None:
@@ -77,7 +61,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    state = cache_affine(cache)
+    state = cached(cache, network=False)  # the affine only: it does not depend on the network
     data = Path(args.data)
     for spec in args.model:
         name, path = spec.split("=", 1)

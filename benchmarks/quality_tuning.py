@@ -52,9 +52,9 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, out
 
 
-def cached(cache: Path):
-    """Wrap affine_align and run_network so each pair's results are read from ``cache`` after
-    the first call (keyed by the pair set in ``state['key']``)."""
+def cached(cache: Path, network: bool = True):
+    """Wrap affine_align and (with ``network``) run_network so each pair's results are read from
+    ``cache`` after the first call (keyed by the pair set in ``state['key']``)."""
     state = {"key": None}
     real_affine, real_network = affine_module.affine_align, pipeline.run_network
 
@@ -76,7 +76,8 @@ def cached(cache: Path):
         return u_st, u_ts
 
     affine_module.affine_align = affine_align
-    pipeline.run_network = run_network
+    if network:
+        pipeline.run_network = run_network
     return state
 
 
