@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from InverseRegLib import pipeline
 from InverseRegLib.modelfile import load_model
-from quality_tuning import cached  # benchmarks/ is on the path when this script runs
+from quality_tuning import parse_pair_run  # benchmarks/ is on the path when this script runs
 
 
 def summary(path: str) -> None:
@@ -50,18 +49,10 @@ def main() -> None:
         summary(sys.argv[2])
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--pairs", nargs="+", required=True, help="FIXED-MOVING subject numbers, e.g. 08-09")
     parser.add_argument("--model", action="append", required=True, help="NAME=PATH (one named 'bundled' is the base)")
     parser.add_argument("--quality", nargs="+", default=["fast", "best"])
-    parser.add_argument("--cache", default="runs/network_choice_cache")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    state = cached(cache, network=False)  # the affine only: it does not depend on the network
+    # the affine only is cached: it does not depend on the network
+    args, state = parse_pair_run(parser, "runs/network_choice_cache", network=False)
     data = Path(args.data)
     for spec in args.model:
         name, path = spec.split("=", 1)

@@ -153,22 +153,29 @@ def run_greedy(spec: str, fixed_path: Path, moving_path: Path, fixed_seg, moving
             "seconds_inverse": 0.0, "seconds_total": round(seconds, 3), "greedy": spec}
 
 
-def main() -> None:
-    if len(os.sys.argv) in (3, 4) and os.sys.argv[1] == "--summary":
-        summary(*os.sys.argv[2:])  # FILE [FILE WITH THE 'none' ROWS]
-        return
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_pair_run(parser: argparse.ArgumentParser, cache_default: str, network: bool):
+    """The options every pair-by-pair comparison here shares (--data, --pairs, --cache, --out,
+    --threads) added to ``parser`` and parsed; torch's threads set and the cache made ready
+    (:func:`cached`). Returns ``(args, state)``."""
     parser.add_argument("--data", required=True)
     parser.add_argument("--pairs", nargs="+", required=True, help="FIXED-MOVING subject numbers, e.g. 03-04")
-    parser.add_argument("--setting", action="append", required=True)
-    parser.add_argument("--cache", default="/work/runs/accuracy2/cache")
+    parser.add_argument("--cache", default=cache_default)
     parser.add_argument("--out", required=True)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    state = cached(cache)
+    return args, cached(cache, network)
+
+
+def main() -> None:
+    if len(os.sys.argv) in (3, 4) and os.sys.argv[1] == "--summary":
+        summary(*os.sys.argv[2:])  # FILE [FILE WITH THE 'none' ROWS]
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", action="append", required=True)
+    args, state = parse_pair_run(parser, "/work/runs/accuracy2/cache", network=True)
     done = set()
     if os.path.exists(args.out):
         for line in open(args.out):
