@@ -135,12 +135,14 @@ def cmd_register(args) -> int:
     from .device import resolve_device
     resolve_device(args.device)  # a wrong --device is one error line, not one under a started bar
     polish = _polish_arg(args)  # so is a wrong --polish
+    if args.mutual_inverse < 0:  # and a wrong --mutual-inverse
+        raise InverseRegError(f"--mutual-inverse must be >= 0, got {args.mutual_inverse}")
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
                           fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
                           precision=args.precision, label_interpolation=args.label_interpolation,
-                          quality=args.quality, polish_settings=polish)
+                          quality=args.quality, polish_settings=polish, mutual_steps=args.mutual_inverse)
     finally:
         progress.close()
     del fixed, moving, fixed_seg, moving_seg  # not needed for writing, where the peak memory is on large grids
@@ -434,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polish", type=int, metavar="N",
                    help="NCC iterations on the network's 2 mm grid after it (default: the library's, 5; "
                         "0: the network's fields alone)")
+    p.add_argument("--mutual-inverse", type=int, default=0, metavar="STEPS",
+                   help="then adjust both fields together for STEPS steps so each is the other's inverse "
+                        "in both orders (default 0: off; 300 reach 0.008 mm on 1 mm brains, ~1 s "
+                        "each on two CPU cores, for ~0.006 Dice)")
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="output folder")

@@ -195,6 +195,7 @@ def register(
     quality: str = "fast",
     fullres_settings=None,
     polish_settings=None,
+    mutual_steps: int = 0,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -211,6 +212,9 @@ def register(
     :mod:`InverseRegLib.fullres`; its settings ``fullres_settings``, default
     :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
     backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
+    ``mutual_steps`` > 0 then adjusts both fields together for that many steps so that each is
+    the other's inverse in both orders (:mod:`InverseRegLib.mutual`: 300 steps reach 0.008 mm on
+    1 mm brains, ~1 s each on two CPU cores, for ~0.006 Dice; 0, the default, skips it).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share),
     and are carried to the other grid (``result.label_images``) with ``label_interpolation``
@@ -230,6 +234,8 @@ def register(
     moving = moving if moving.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(moving, sitk.sitkFloat32)
     if refine < 0:
         raise InverseRegError(f"refine must be >= 0, got {refine}")
+    if isinstance(mutual_steps, bool) or not isinstance(mutual_steps, int) or mutual_steps < 0:
+        raise InverseRegError(f"mutual_steps must be a whole number >= 0, got {mutual_steps!r}")
     passes = DEFAULT_PASSES if passes is None else passes
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise InverseRegError(f"passes must be a whole number >= 1, got {passes!r}")
@@ -328,6 +334,25 @@ def register(
     # voxels smoothed out locally (unfold.py), exactness given up there only (the report counts them)
     backward, backward_repair = repair_folds(backward, moving_geometry)
     t_inverse = time.perf_counter() - t0
+    t_mutual = 0.0
+    moving_mask = foreground_mask(moving)
+    mutual_report = {}
+    if mutual_steps:
+        from .mutual import make_mutually_inverse
+        check_cancel()
+        t0 = time.perf_counter()
+        forward, backward, mutual = make_mutually_inverse(
+            forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask, mutual_steps,
+            report=lambda step: report_progress(0.7 + 0.05 * step / mutual_steps,
+                                                f"mutual-inverse step {step} of {mutual_steps}"),
+            cancel=cancel)
+        # the written fields changed after the model grid: their folding is judged on the image grids
+        forward, forward_repair = repair_folds(forward, fixed_geometry)
+        forward_determinant = forward_repair.determinant
+        folds_repaired, folds_left = folds_repaired + forward_repair.folded_before, forward_repair.folded_after
+        backward, backward_repair = repair_folds(backward, moving_geometry)
+        mutual_report = mutual.as_report()
+        t_mutual = time.perf_counter() - t0
     # float32 from here on (the files get these values in float64; see RegistrationResult)
     forward = np.ascontiguousarray(forward, dtype=np.float32)
     backward = np.ascontiguousarray(backward, dtype=np.float32)
@@ -340,8 +365,7 @@ def register(
 
     report_progress(0.85, "measuring folding and inverse consistency")
     t0 = time.perf_counter()
-    moving_mask = foreground_mask(moving)
-    if quality == "fast":
+    if quality == "fast" and not mutual_steps:
         # folding where the fields come from (the model grid, after the model-grid stage if it
         # ran; see quality.py), each on its own image's foreground: φST over the fixed image, φTS
         # over the affinely aligned moving one
@@ -378,7 +402,7 @@ def register(
         "folding_percent_backward": folding_backward[0],
         "folding_percent_forward_foreground": folding_forward[1],
         "folding_percent_backward_foreground": folding_backward[1],
-        "folding_measured_on": ("image grids" if quality == "best" else
+        "folding_measured_on": ("image grids" if quality == "best" or mutual_steps else
                                 "model grid (forward), moving image grid (backward)" if polished else "model grid"),
         "ice_mean_mm": ice_mean,
         "ice_p95_mm": ice_p95,
@@ -389,6 +413,8 @@ def register(
         "seconds_fullres": round(t_fullres, 3),
         "seconds_polish": round(t_polish, 3),
         "seconds_inverse": round(t_inverse, 3),
+        "seconds_mutual": round(t_mutual, 3),
+        "mutual_steps": int(mutual_steps),
         # voxels of the forward field that folded after the iterations, before unfold.py smoothed them out
         "folds_repaired_forward": folds_repaired,
         "folds_left_forward": folds_left,
@@ -396,6 +422,7 @@ def register(
         "folds_left_backward": backward_repair.folded_after,
         "voxels_changed_by_fold_repair_backward": backward_repair.changed,
         **inverse_stats.as_report(),
+        **mutual_report,
     }
     label_images = {}
     if fixed_seg is not None and moving_seg is not None:

@@ -112,6 +112,18 @@ def test_polish_option_sets_the_model_grid_stage(capsys, files, tmp_path):
     assert code == 2 and len(err) == 1 and "--polish" in err[0]
 
 
+def test_mutual_inverse_option_reaches_register(capsys, files, tmp_path):
+    """``--mutual-inverse N`` runs that many joint steps (the report says so); a negative count is
+    one error line and exit status 2, before anything is written."""
+    report, _, _ = register_cli(capsys, files, tmp_path / "on", "--no-affine", "--passes", "1",
+                                "--mutual-inverse", "3", "--progress", "none", model="shift.pt")
+    assert report["mutual_steps"] == 3 and report["seconds_mutual"] > 0
+    code = main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o", tmp_path / "bad",
+                                  "--model", files["shift.pt"], "--device", "cpu", "--mutual-inverse", "-1"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--mutual-inverse" in err[0] and not (tmp_path / "bad").exists()
+
+
 def test_precision_is_recorded_and_changes_the_network_arithmetic(capsys, files, tmp_path):
     full, _, _ = register_cli(capsys, files, tmp_path / "f32", "--no-affine", "--precision", "float32",
                               "--progress", "none")

@@ -1,0 +1,136 @@
+"""Both written fields adjusted together, so that each is the other's inverse in both orders.
+
+:mod:`~.inverse` makes the backward field b the inverse of the forward one f at every voxel of
+the moving grid, so the moving order ``|f(q + b(q)) + b(q)|`` is ~1e-3 mm. The fixed order
+``|b(x + f(x)) + f(x)|`` reads b *between* its voxels, where trilinear interpolation cannot follow
+the kinks of the exact inverse (f is trilinear itself): 0.04-0.17 mm on brains, and no backward
+field alone does much better (a 0.5 mm backward grid only halves it). Moving both fields does:
+this minimises ::
+
+    mean over the fixed mask of |f(x) + b(x + f(x))|²  +  mean over the moving mask of |b(q) + f(q + b(q))|²
+
+by Adam on the two fields' voxel values (a step of at most ``step_mm`` per voxel and iteration),
+from the exact inverse's pair. Both orders fall together; on 1 mm brains (03 -> 04, ``fast``'s
+fields) 200 steps take them from 0.072 / 0.0004 mm to 0.0105 / 0.0104 mm, moving f by 0.14 mm
+on average. The fields get smoother in the process, which cost 0.006 / 0.004 Dice on that pair:
+an option for those who need the pair inverse in both orders, not the default. About 1 s per
+step on two CPU cores for a 1 mm brain (1.5 M voxels in each mask).
+
+The masks: the images' foregrounds, grown by :data:`MASK_MARGIN` voxels so the error is
+lowered a little beyond where it is measured. Points mapped beyond a grid read its border
+values (as :func:`~.quality.inverse_consistency` does).
+
+All arrays: (z, y, x, 3) LPS displacements in mm on their image grids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .fields import _to_normalized, physical_points
+from .grid import Geometry
+
+#: Adam's step (mm): the largest change of a voxel's displacement per iteration
+DEFAULT_STEP_MM = 0.01
+#: the foreground masks are grown by this many voxels (a cube) before the optimisation
+MASK_MARGIN = 2
+
+
+@dataclass
+class MutualStats:
+    steps: int  # iterations run
+    fixed_order_mm: float  # mean |b(x + f(x)) + f(x)| over the (grown) fixed mask, before / after
+    fixed_order_before_mm: float
+    moving_order_mm: float  # mean |f(q + b(q)) + b(q)| over the (grown) moving mask
+    moving_order_before_mm: float
+    forward_change_mm: float  # mean |f_after - f_before| over the fixed mask
+
+    def as_report(self, prefix: str = "mutual_") -> dict:
+        return {f"{prefix}{k}": v for k, v in self.__dict__.items()}
+
+
+class _Side:
+    """One field as a trainable (3, D, H, W) volume, its mask's voxels and the map from physical
+    points to its grid_sample coordinates."""
+
+    def __init__(self, field, geometry: Geometry, mask: np.ndarray, margin: int):
+        values = torch.as_tensor(np.asarray(field, dtype=np.float32))
+        if tuple(values.shape) != (*geometry.array_shape, 3):
+            raise ValueError(f"field shape {tuple(values.shape)} does not match its grid {(*geometry.array_shape, 3)}")
+        if tuple(mask.shape) != geometry.array_shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match its grid {geometry.array_shape}")
+        self.volume = values.permute(3, 0, 1, 2).contiguous().requires_grad_(True)
+        grown = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        if margin > 0:
+            grown = F.max_pool3d(grown, 2 * margin + 1, stride=1, padding=margin)
+        self.index = grown.view(-1).nonzero()[:, 0]
+        self.points = physical_points(geometry).view(-1, 3)[self.index]
+        k = _to_normalized(geometry)
+        self.k_t = torch.as_tensor(k.T, dtype=torch.float32)
+        self.origin = torch.as_tensor(geometry.origin, dtype=torch.float32)
+
+    def at_voxels(self) -> torch.Tensor:
+        """(N, 3) displacements at the mask's voxels."""
+        return self.volume.view(3, -1)[:, self.index].t()
+
+    def sample(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) displacements at physical points (N, 3), trilinear, border beyond the grid."""
+        grid = ((points - self.origin) @ self.k_t - 1.0).view(1, 1, 1, -1, 3)
+        return F.grid_sample(self.volume[None], grid, align_corners=True, padding_mode="border").view(3, -1).t()
+
+    def field(self) -> np.ndarray:
+        return self.volume.detach().permute(1, 2, 3, 0).contiguous().numpy()
+
+
+def _mean_norm(residuals: torch.Tensor) -> float:
+    return float(residuals.norm(dim=-1).mean()) if len(residuals) else 0.0
+
+
+def _errors(fixed: _Side, moving: _Side) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fixed-order, moving-order) residual vectors at the two masks' voxels."""
+    f = fixed.at_voxels()
+    b = moving.at_voxels()
+    return f + moving.sample(fixed.points + f), b + fixed.sample(moving.points + b)
+
+
+def make_mutually_inverse(forward, fixed_geometry: Geometry, backward, moving_geometry: Geometry,
+                          fixed_mask: np.ndarray, moving_mask: np.ndarray, steps: int,
+                          step_mm: float = DEFAULT_STEP_MM, margin: int = MASK_MARGIN,
+                          report: Callable[[int], None] | None = None,
+                          cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, MutualStats]:
+    """``(forward, backward, stats)`` after ``steps`` joint iterations (see the module docstring).
+
+    ``forward`` (z, y, x, 3) on ``fixed_geometry`` (fixed -> moving points), ``backward`` on
+    ``moving_geometry``; neither is modified. ``fixed_mask`` / ``moving_mask``: (z, y, x) bool on
+    each grid, where the inverse consistency counts. ``report(step)`` hears of every step;
+    ``cancel()`` is asked before each and stops with :class:`~.pipeline.Cancelled`.
+    """
+    if steps < 0 or not step_mm > 0:
+        raise ValueError(f"need steps >= 0 and step_mm > 0, got {steps}, {step_mm}")
+    fixed = _Side(forward, fixed_geometry, fixed_mask, margin)
+    moving = _Side(backward, moving_geometry, moving_mask, margin)
+    start = fixed.at_voxels().detach().clone()
+    optimiser = torch.optim.Adam([fixed.volume, moving.volume], lr=step_mm)
+    with torch.no_grad():
+        e_fixed, e_moving = _errors(fixed, moving)
+        before = (_mean_norm(e_fixed), _mean_norm(e_moving))
+    for step in range(steps):
+        if cancel is not None and cancel():
+            from .pipeline import Cancelled
+            raise Cancelled(f"registration cancelled during mutual-inverse step {step + 1}")
+        e_fixed, e_moving = _errors(fixed, moving)
+        loss = e_fixed.pow(2).sum() / max(len(e_fixed), 1) + e_moving.pow(2).sum() / max(len(e_moving), 1)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        if report is not None:
+            report(step + 1)
+    with torch.no_grad():
+        e_fixed, e_moving = _errors(fixed, moving)
+        stats = MutualStats(steps, _mean_norm(e_fixed), before[0], _mean_norm(e_moving), before[1],
+                            _mean_norm(fixed.at_voxels() - start))
+    return fixed.field(), moving.field(), stats
