@@ -70,6 +70,8 @@ class InverseRegParameterNode:
     # the library's default (InverseRegLib.pipeline.DEFAULT_PASSES); not imported at module load
     networkPasses: Annotated[int, WithinRange(1, 5)] = 2
     refineSteps: Annotated[int, WithinRange(0, 500)] = 0
+    # joint steps making each field the other's inverse in both orders (0 = off; InverseRegLib.mutual)
+    mutualInverseSteps: Annotated[int, WithinRange(0, 1000)] = 0
     modelPath: str = ""
     forwardTransform: vtkMRMLGridTransformNode
     backwardTransform: vtkMRMLGridTransformNode
@@ -353,7 +355,8 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def registrationOptions(parameters) -> dict:
         return dict(device=parameters.device, affine=parameters.affine, passes=int(parameters.networkPasses),
-                    refine=int(parameters.refineSteps), quality=parameters.quality, model=parameters.modelPath)
+                    refine=int(parameters.refineSteps), quality=parameters.quality, model=parameters.modelPath,
+                    mutual_inverse=int(parameters.mutualInverseSteps))
 
     def startRegistration(self, parameters):
         """Export copies of the inputs to a new temporary folder and send the request to the

@@ -25,7 +25,8 @@ from . import ROLE_ATTRIBUTE
 from .checks import input_problem, torch_available
 from .folders import TemporaryFolders
 from .results import (BACKWARD, FORWARD, REGISTERED, find_node, load_result, map_point, restore_interpolation)
-from .runner import CANCELLED, DONE, FAILED, RegistrationRunner, RegistrationWorker, register_command
+from .runner import (CANCELLED, DONE, FAILED, RegistrationRunner, RegistrationWorker, register_command,
+                     register_request)
 from .views import (USER_TRANSFORM_ATTRIBUTE, checkerboard_volume, difference_volume, restore_user_transforms,
                     show_comparison, show_direction)
 from .volumes import image_to_node, node_to_image, write_volume
@@ -177,6 +178,15 @@ class SceneBasicsTests(unittest.TestCase):
         self.assertEqual(best[best.index("--quality") + 1], "best")
         with self.assertRaises(ValueError):
             register_command("python", "f.nrrd", "m.nrrd", "out", quality="slow")
+
+    def test_command_passes_mutual_inverse_only_when_asked(self):
+        self.assertNotIn("--mutual-inverse", register_command("python", "f.nrrd", "m.nrrd", "out"))
+        asked = register_command("python", "f.nrrd", "m.nrrd", "out", mutual_inverse=200)
+        self.assertEqual(asked[asked.index("--mutual-inverse") + 1], "200")
+        request = register_request("1", "f.nrrd", "m.nrrd", "out", mutual_inverse=200)
+        self.assertEqual(request["options"]["mutual_inverse"], "200")
+        with self.assertRaises(ValueError):
+            register_command("python", "f.nrrd", "m.nrrd", "out", mutual_inverse=-1)
 
     def test_runner_reports_an_error_event_and_a_crash(self):
         failing = RegistrationRunner([PYTHON, "-c", "import json,sys; print(json.dumps({'event': 'progress', "

@@ -137,7 +137,7 @@ def test_every_option_the_module_passes_is_a_register_option():
     source = (ROOT / "InverseReg" / "InverseRegScene" / "runner.py").read_text(encoding="utf-8")
     body = source[source.index("def register_command"):source.index("return command", source.index("def register_command"))]
     options = set(re.findall(r'"(--[a-z-]+)"', body))
-    assert {"--passes", "--refine", "--affine", "--device", "--model", "--quality"} <= options
+    assert {"--passes", "--refine", "--affine", "--device", "--model", "--quality", "--mutual-inverse"} <= options
     assert "registrationOptions" in MODULE.read_text(encoding="utf-8") and "register_request" in source  # the worker's requests
     register = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "register")[1]
     accepted = {s for action in register._actions for s in action.option_strings}
