@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from InverseRegLib import pipeline
 from InverseRegLib.modelfile import load_model
-from quality_tuning import parse_pair_run  # benchmarks/ is on the path when this script runs
+from quality_tuning import parse_pair_run, read_pair  # benchmarks/ is on the path when this script runs
 
 
 def summary(path: str) -> None:
@@ -58,11 +57,7 @@ def main() -> None:
         name, path = spec.split("=", 1)
         model = load_model(path, device="cpu")
         for pair in args.pairs:
-            f, m = pair.split("-")
-            state["key"] = f"{f}_{m}"
-            fixed = sitk.ReadImage(str(data / f"img_{f}.nii.gz"), sitk.sitkFloat32)
-            moving = sitk.ReadImage(str(data / f"img_{m}.nii.gz"), sitk.sitkFloat32)
-            fixed_seg, moving_seg = (sitk.ReadImage(str(data / f"seg_{s}.nii.gz")) for s in (f, m))
+            fixed, moving, fixed_seg, moving_seg, state["key"] = read_pair(data, pair)
             for quality in args.quality:
                 report = pipeline.register(fixed, moving, model=model, device="cpu", fixed_seg=fixed_seg,
                                            moving_seg=moving_seg, labels="freesurfer", quality=quality).report

@@ -153,6 +153,15 @@ def run_greedy(spec: str, fixed_path: Path, moving_path: Path, fixed_seg, moving
             "seconds_inverse": 0.0, "seconds_total": round(seconds, 3), "greedy": spec}
 
 
+def read_pair(data: Path, pair: str):
+    """``FIXED-MOVING`` of a labelled set -> (fixed, moving, fixed_seg, moving_seg, cache key)."""
+    f, m = pair.split("-")
+    fixed = sitk.ReadImage(str(data / f"img_{f}.nii.gz"), sitk.sitkFloat32)
+    moving = sitk.ReadImage(str(data / f"img_{m}.nii.gz"), sitk.sitkFloat32)
+    fixed_seg, moving_seg = (sitk.ReadImage(str(data / f"seg_{s}.nii.gz")) for s in (f, m))
+    return fixed, moving, fixed_seg, moving_seg, f"{f}_{m}"
+
+
 def parse_pair_run(parser: argparse.ArgumentParser, cache_default: str, network: bool):
     """The options every pair-by-pair comparison here shares (--data, --pairs, --cache, --out,
     --threads) added to ``parser`` and parsed; torch's threads set and the cache made ready
@@ -185,11 +194,7 @@ def main() -> None:
     data = Path(args.data)
     for pair in args.pairs:
         f, m = pair.split("-")
-        fixed = sitk.ReadImage(str(data / f"img_{f}.nii.gz"), sitk.sitkFloat32)
-        moving = sitk.ReadImage(str(data / f"img_{m}.nii.gz"), sitk.sitkFloat32)
-        fixed_seg = sitk.ReadImage(str(data / f"seg_{f}.nii.gz"))
-        moving_seg = sitk.ReadImage(str(data / f"seg_{m}.nii.gz"))
-        state["key"] = f"{f}_{m}"
+        fixed, moving, fixed_seg, moving_seg, state["key"] = read_pair(data, pair)
         for name, kwargs in settings:
             if (pair, name) in done:
                 continue
