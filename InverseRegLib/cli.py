@@ -135,14 +135,13 @@ def cmd_register(args) -> int:
     from .device import resolve_device
     resolve_device(args.device)  # a wrong --device is one error line, not one under a started bar
     polish = _polish_arg(args)  # so is a wrong --polish
-    if args.mutual_inverse < 0:  # and a wrong --mutual-inverse
-        raise InverseRegError(f"--mutual-inverse must be >= 0, got {args.mutual_inverse}")
+    mutual_steps = _mutual_arg(args)  # and a wrong --mutual-inverse
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
                           fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
                           precision=args.precision, label_interpolation=args.label_interpolation,
-                          quality=args.quality, polish_settings=polish, mutual_steps=args.mutual_inverse)
+                          quality=args.quality, polish_settings=polish, mutual_steps=mutual_steps)
     finally:
         progress.close()
     del fixed, moving, fixed_seg, moving_seg  # not needed for writing, where the peak memory is on large grids
@@ -216,6 +215,20 @@ def add_after_register_options(p) -> None:
                         "grid): det J of each field, or its natural log with --jacobian log")
 
 
+def add_mutual_inverse(p) -> None:
+    p.add_argument("--mutual-inverse", type=int, default=0, metavar="STEPS",
+                   help="then adjust both fields together for STEPS steps so each is the other's inverse "
+                        "in both orders (default 0: off; 300 reach 0.008 mm on 1 mm brains, ~1 s "
+                        "each on two CPU cores, for ~0.006 Dice)")
+
+
+def _mutual_arg(args) -> int:
+    """``--mutual-inverse`` checked before any work (one error line, not one under a started bar)."""
+    if args.mutual_inverse < 0:
+        raise InverseRegError(f"--mutual-inverse must be >= 0, got {args.mutual_inverse}")
+    return args.mutual_inverse
+
+
 def add_after_register_commands(sub, add_common, add_alignment, add_precision) -> None:
     p = sub.add_parser("study", help="register many pairs (a template and subjects, or a CSV of pairs): one "
                                      "folder per pair, summary.csv; resumes; torchrun splits the pairs")
@@ -229,6 +242,7 @@ def add_after_register_commands(sub, add_common, add_alignment, add_precision) -
     p.add_argument("--quiet", action="store_true", help="no progress output")
     add_common(p)
     add_alignment(p)
+    add_mutual_inverse(p)
     add_precision(p)
     add_after_register_options(p)
     p.set_defaults(func=cmd_study)
@@ -312,7 +326,8 @@ def cmd_study(args) -> int:
         pairs = pairs_from_csv(args.pairs)
     options = {"device": args.device, "affine": _affine_arg(args), "refine": args.refine,
                "labels": _labels_arg(args.labels), "passes": args.passes, "precision": args.precision,
-               "label_interpolation": args.label_interpolation}
+               "label_interpolation": args.label_interpolation, "quality": args.quality,
+               "mutual_steps": _mutual_arg(args)}
     model = load_model(args.model)
     rows = run_study(pairs, args.output, model, options, args.jacobian, progress=not args.quiet,
                      compression=args.compression)
@@ -436,10 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polish", type=int, metavar="N",
                    help="NCC iterations on the network's 2 mm grid after it (default: the library's, 5; "
                         "0: the network's fields alone)")
-    p.add_argument("--mutual-inverse", type=int, default=0, metavar="STEPS",
-                   help="then adjust both fields together for STEPS steps so each is the other's inverse "
-                        "in both orders (default 0: off; 300 reach 0.008 mm on 1 mm brains, ~1 s "
-                        "each on two CPU cores, for ~0.006 Dice)")
+    add_mutual_inverse(p)
     p.add_argument("fixed")
     p.add_argument("moving")
     p.add_argument("-o", "--output", required=True, help="output folder")

@@ -139,8 +139,18 @@ def is_done(folder: Path, pair: Pair, options: dict) -> bool:
     """A complete report made from this pair's inputs with these options, its fields beside it."""
     report = read_report(folder)
     return (report is not None and report.get("study_inputs") == pair.inputs()
-            and report.get("study_options") == options
+            and _with_later_defaults(report.get("study_options")) == options
             and all((folder / name).is_file() for name in ("forward.nii.gz", "backward.nii.gz")))
+
+
+def _with_later_defaults(recorded):
+    """Options a report recorded, with the defaults of options added since (a study made before
+    ``quality`` and ``mutual_steps`` were recorded ran fast with none: still done under those)."""
+    return {**LATER_DEFAULTS, **recorded} if isinstance(recorded, dict) else recorded
+
+
+#: options recorded since the first studies, with the value those studies ran with
+LATER_DEFAULTS = {"quality": "fast", "mutual_steps": 0}
 
 
 def register_pair(pair: Pair, folder: Path, model, options: dict, jacobian: str | None = None,
@@ -162,7 +172,8 @@ def register_pair(pair: Pair, folder: Path, model, options: dict, jacobian: str 
                                      f"moving label map {pair.moving_seg}", f"the moving image {pair.moving}")
     result = register(fixed, moving, model, options["device"], options["affine"], options["refine"], fixed_seg,
                       moving_seg, options["labels"], passes=options["passes"], precision=options["precision"],
-                      label_interpolation=options["label_interpolation"])
+                      label_interpolation=options["label_interpolation"], quality=options["quality"],
+                      mutual_steps=options["mutual_steps"])
     if jacobian:
         from .jacobian import jacobian_images
         result.extra_images.update(jacobian_images(result.forward, result.backward, jacobian))
@@ -303,7 +314,7 @@ def _step(bar, text: str) -> None:
 
 def default_options() -> dict:
     return {"device": "auto", "affine": "affine", "refine": 0, "labels": None, "passes": None,
-            "precision": "auto", "label_interpolation": "linear"}
+            "precision": "auto", "label_interpolation": "linear", **LATER_DEFAULTS}
 
 
 def summary_rows(pairs: list[Pair], outdir: Path, recorded: dict) -> list[dict]:

@@ -179,3 +179,32 @@ def test_torchrun_splits_pairs_over_two_processes(data, tmp_path, model_file):
     assert list(summary) == [f"p{i}" for i in range(5)] and {r["status"] for r in summary.values()} == {"ok"}
     # rank 0 reports all five, rank 1 its own two
     assert "5 pairs: 5 ok" in done.stdout and "2 pairs: 2 ok" in done.stdout
+
+
+def test_study_runs_the_quality_and_mutual_inverse_asked_for(data, tmp_path, model_file, monkeypatch, capsys):
+    """``--quality best`` and ``--mutual-inverse N`` reach every pair's registration (the study
+    once ran fast whatever ``--quality`` said); a study recorded before these two options existed
+    (its report without them) still counts as done under the defaults; a negative count is one
+    error line before any work."""
+    pairs = write_pairs(tmp_path / "pairs.csv", [f"{data / 'template.nii.gz'},{data / 'sub0.nii.gz'},,,p0"])
+    out = tmp_path / "study"
+    argv = ["study", "--pairs", str(pairs), "-o", str(out), "--model", str(model_file), *FAST]
+    assert main(argv + ["--quality", "best", "--mutual-inverse", "2"]) == 0
+    report = json.loads((out / "p0" / "report.json").read_text(encoding="utf-8"))
+    assert report["quality"] == "best" and report["mutual_steps"] == 2 and report["seconds_fullres"] > 0
+    assert main(argv) == 0  # other options: registered again, with the defaults
+    path = out / "p0" / "report.json"
+    report = json.loads(path.read_text(encoding="utf-8"))
+    assert report["quality"] == "fast" and report["mutual_steps"] == 0
+    for key in ("quality", "mutual_steps"):
+        del report["study_options"][key]
+    path.write_text(json.dumps(report), encoding="utf-8")
+    calls = []
+    real = study.register_pair
+    monkeypatch.setattr(study, "register_pair", lambda pair, *a, **k: (calls.append(pair.name), real(pair, *a, **k))[1])
+    assert main(argv) == 0 and calls == []
+    capsys.readouterr()
+    assert main(argv + ["--mutual-inverse", "-1"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--mutual-inverse" in err[0] and calls == []
+
