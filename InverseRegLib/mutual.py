@@ -36,6 +36,8 @@ from .grid import Geometry
 
 #: Adam's step (mm): the largest change of a voxel's displacement per iteration
 DEFAULT_STEP_MM = 0.01
+#: fewer points than this per thread are sampled on one thread (the split's bookkeeping costs more)
+MIN_POINTS_PER_THREAD = 65_536
 #: the foreground masks are grown by this many voxels (a cube) before the optimisation
 MASK_MARGIN = 2
 
@@ -78,9 +80,20 @@ class _Side:
         return self.volume.view(3, -1)[:, self.index].t()
 
     def sample(self, points: torch.Tensor) -> torch.Tensor:
-        """(N, 3) displacements at physical points (N, 3), trilinear, border beyond the grid."""
-        grid = ((points - self.origin) @ self.k_t - 1.0).view(1, 1, 1, -1, 3)
-        return F.grid_sample(self.volume[None], grid, align_corners=True, padding_mode="border").view(3, -1).t()
+        """(N, 3) displacements at physical points (N, 3), trilinear, border beyond the grid.
+
+        The points are cut into one batch entry per thread, the volume repeated as a stride-0
+        view: PyTorch's CPU grid_sample, forward and backward, runs one batch entry per core
+        (as :mod:`~.sampling` does without gradients; 1.8x on two cores)."""
+        grid = (points - self.origin) @ self.k_t - 1.0
+        count = grid.shape[0]
+        parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
+        per_part = -(-count // parts)
+        if per_part * parts > count:  # padded with copies of the last point, dropped below
+            grid = torch.cat([grid, grid[-1:].expand(per_part * parts - count, 3)])
+        out = F.grid_sample(self.volume[None].expand(parts, -1, -1, -1, -1), grid.view(parts, 1, 1, per_part, 3),
+                            align_corners=True, padding_mode="border")  # (parts, 3, 1, 1, per_part)
+        return out.permute(0, 4, 1, 2, 3).reshape(parts * per_part, 3)[:count]
 
     def field(self) -> np.ndarray:
         return self.volume.detach().permute(1, 2, 3, 0).contiguous().numpy()
@@ -114,7 +127,7 @@ def make_mutually_inverse(forward, fixed_geometry: Geometry, backward, moving_ge
     fixed = _Side(forward, fixed_geometry, fixed_mask, margin)
     moving = _Side(backward, moving_geometry, moving_mask, margin)
     start = fixed.at_voxels().detach().clone()
-    optimiser = torch.optim.Adam([fixed.volume, moving.volume], lr=step_mm)
+    optimiser = torch.optim.Adam([fixed.volume, moving.volume], lr=step_mm, fused=True)
     with torch.no_grad():
         e_fixed, e_moving = _errors(fixed, moving)
         before = (_mean_norm(e_fixed), _mean_norm(e_moving))
