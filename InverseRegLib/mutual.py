@@ -13,8 +13,10 @@ by Adam on the two fields' voxel values (a step of at most ``step_mm`` per voxel
 from the exact inverse's pair. Both orders fall together; on 1 mm brains (03 -> 04, ``fast``'s
 fields) 200 steps take them from 0.072 / 0.0004 mm to 0.0105 / 0.0104 mm, moving f by 0.14 mm
 on average. The fields get smoother in the process, which cost 0.006 / 0.004 Dice on that pair:
-an option for those who need the pair inverse in both orders, not the default. About 1 s per
-step on two CPU cores for a 1 mm brain (1.5 M voxels in each mask).
+an option for those who need the pair inverse in both orders, not the default. On the report
+pairs 11 <-> 12, 300 steps give 0.008 mm in both orders for 0.0065 Dice (docs/benchmark.md,
+eighth round). About 0.7-0.8 s per step on two CPU cores for a 1 mm brain (1.5 M voxels in each
+mask), so ~4 minutes for 300.
 
 The masks: the images' foregrounds, grown by :data:`MASK_MARGIN` voxels so the error is
 lowered a little beyond where it is measured. Points mapped beyond a grid read its border
