@@ -76,7 +76,8 @@ def test_no_steps_change_nothing_and_bad_arguments_are_refused():
 def test_register_option_reports_and_lowers_the_fixed_order(small_pair):
     """End to end: ``mutual_steps`` lowers the report's fixed-order ICE below the exact inverse's
     alone, keeps both orders under that, reports the step's figures and judges folding on the
-    image grids; a cancel during it stops the run; a negative count is refused."""
+    image grids; the progress bar gives the steps most of its length; a cancel during them stops
+    the run; a negative count is refused."""
     from inversereg_testlib import small_model
     fixed, moving, _, _, _ = small_pair
     model = small_model("default", 5e4)
@@ -88,13 +89,20 @@ def test_register_option_reports_and_lowers_the_fixed_order(small_pair):
 
     plain = register(fixed, moving, model, "cpu", None, cancel=count).report
     calls_without = len(asked)
-    mutual = register(fixed, moving, model, "cpu", None, mutual_steps=60).report
+    heard = []
+    mutual = register(fixed, moving, model, "cpu", None, mutual_steps=60,
+                      progress=lambda fraction, message: heard.append((fraction, message))).report
     assert plain["mutual_steps"] == 0 and plain["seconds_mutual"] == 0 and "mutual_fixed_order_mm" not in plain
     assert mutual["mutual_steps"] == 60 and mutual["seconds_mutual"] > 0
     assert mutual["ice_mean_mm"] < 0.7 * plain["ice_mean_mm"]
     assert mutual["ice_moving_mean_mm"] < plain["ice_mean_mm"]
     assert mutual["mutual_fixed_order_mm"] < mutual["mutual_fixed_order_before_mm"]
     assert mutual["folding_measured_on"] == "image grids" and mutual["folding_percent_forward"] == 0
+    # the bar gives the steps their share of the time (they are most of it), in order, to 1
+    fractions = [f for f, _ in heard]
+    steps = [f for f, m in heard if m.startswith("mutual-inverse step")]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(steps) == 60
+    assert steps[0] < 0.15 and steps[-1] > 0.9
     asked.clear()
 
     def cancel_in_mutual():  # past every question of a run without the step: inside its iterations
