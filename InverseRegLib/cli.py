@@ -377,6 +377,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_folder
+    mutual_steps = _mutual_arg(args)
     bar = _bar("evaluate", None, "pair")
 
     def on_pair(done: int, total: int) -> None:
@@ -386,7 +387,7 @@ def cmd_evaluate(args) -> int:
     try:
         summary = evaluate_folder(args.data_dir, args.output, args.model, args.device, _affine_arg(args),
                                   args.refine, _labels_arg(args.labels), args.subjects, on_pair, args.passes,
-                                  args.precision, args.quality)
+                                  args.precision, args.quality, mutual_steps)
     finally:
         bar.close()
     print(json.dumps(summary, indent=2))
@@ -509,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", nargs="*", help="restrict to these subject names")
     add_common(p)
     add_alignment(p)
+    add_mutual_inverse(p)
     add_precision(p)
     p.set_defaults(func=cmd_evaluate)
 

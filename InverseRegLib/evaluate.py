@@ -24,9 +24,10 @@ PAIR_COLUMNS = ["fixed", "moving", "dice_mean_before", "dice_mean", "dice_mean_b
 def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, device="auto",
                     affine: str | None = "affine", refine: int = 0, labels=None, subjects: list[str] | None = None,
                     pair_callback: Callable[[int, int], None] | None = None, passes: int | None = None,
-                    precision: str = "auto", quality: str = "fast") -> dict:
+                    precision: str = "auto", quality: str = "fast", mutual_steps: int = 0) -> dict:
     """Register every ordered pair (fixed, moving) of labelled subjects and write
-    ``pairs.csv``, ``labels.csv`` and ``summary.json`` into ``outdir``; returns the summary."""
+    ``pairs.csv``, ``labels.csv`` and ``summary.json`` into ``outdir``; returns the summary.
+    The options are :func:`~.pipeline.register`'s."""
     chosen = [s for s in discover_subjects(data_dir) if s.label is not None]
     if subjects:
         chosen = [s for s in chosen if s.name in set(subjects)]
@@ -43,7 +44,7 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
     for index, (fixed, moving) in enumerate(pairs):
         result = register(read_image(fixed.image), read_image(moving.image), model, device, affine, refine,
                           read_label(fixed.label), read_label(moving.label), labels, passes=passes,
-                          precision=precision, quality=quality)
+                          precision=precision, quality=quality, mutual_steps=mutual_steps)
         report = result.report
         rows.append({"fixed": fixed.name, "moving": moving.name, **{k: report.get(k) for k in PAIR_COLUMNS[2:]}})
         for label, value in report["dice_per_label"].items():
@@ -54,7 +55,7 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
     summary = {"pairs": len(rows), "model_id": model.model_id, "device": rows[0] and result.report["device"],
                "passes": result.report["passes"], "refine_steps": result.report["refine_steps"],
                "precision": result.report["precision"], "quality": result.report["quality"],
-               "affine": result.report["affine"]}
+               "mutual_steps": result.report["mutual_steps"], "affine": result.report["affine"]}
     for key in PAIR_COLUMNS[2:]:
         values = np.asarray([r[key] for r in rows if r[key] is not None], dtype=float)
         if values.size:

@@ -418,12 +418,12 @@ def test_every_evaluate_option_reaches_the_summary(train_data, files, tmp_path, 
     outdir = tmp_path / "eval"
     code = main(["evaluate", str(train_data), "-o", str(outdir), "--subjects", "00", "01", "--model",
                  str(files["smooth.pt"]), "--device", "cpu", "--no-affine", "--refine", "1", "--passes", "1",
-                 "--labels", "2", "--precision", "float32"])
+                 "--labels", "2", "--precision", "float32", "--mutual-inverse", "2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     summary = json.loads((outdir / "summary.json").read_text(encoding="utf-8"))
     assert (summary["pairs"], summary["passes"], summary["refine_steps"], summary["precision"], summary["affine"],
-            summary["device"]) == (2, 1, 1, "float32", None, "cpu")
+            summary["device"], summary["mutual_steps"]) == (2, 1, 1, "float32", None, "cpu", 2)
     assert summary["model_id"] == hashlib.sha256(files["smooth.pt"].read_bytes()).hexdigest()[:12]
     with (outdir / "pairs.csv").open() as handle:
         assert [(r["fixed"], r["moving"]) for r in csv.DictReader(handle)] == [("00", "01"), ("01", "00")]
