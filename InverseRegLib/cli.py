@@ -218,8 +218,8 @@ def add_after_register_options(p) -> None:
 def add_mutual_inverse(p) -> None:
     p.add_argument("--mutual-inverse", type=int, default=0, metavar="STEPS",
                    help="then adjust both fields together for STEPS steps so each is the other's inverse "
-                        "in both orders (default 0: off; 300 reach 0.008 mm on 1 mm brains, ~1 s "
-                        "each on two CPU cores, for ~0.006 Dice)")
+                        "in both orders (default 0: off; 300 reach 0.008 mm on 1 mm brains, under "
+                        "1 s each on two CPU cores, for ~0.006 Dice)")
 
 
 def _mutual_arg(args) -> int:

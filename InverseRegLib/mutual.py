@@ -47,10 +47,10 @@ MASK_MARGIN = 2
 @dataclass
 class MutualStats:
     steps: int  # iterations run
-    fixed_order_mm: float  # mean |b(x + f(x)) + f(x)| over the (grown) fixed mask, before / after
-    fixed_order_before_mm: float
-    moving_order_mm: float  # mean |f(q + b(q)) + b(q)| over the (grown) moving mask
-    moving_order_before_mm: float
+    fixed_order_mm: float  # mean |b(x + f(x)) + f(x)| over the (grown) fixed mask, after the steps
+    fixed_order_before_mm: float  # the same before them
+    moving_order_mm: float  # mean |f(q + b(q)) + b(q)| over the (grown) moving mask, after
+    moving_order_before_mm: float  # and before
     forward_change_mm: float  # mean |f_after - f_before| over the fixed mask
 
     def as_report(self, prefix: str = "mutual_") -> dict:

@@ -237,7 +237,7 @@ def register(
     backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
     ``mutual_steps`` > 0 then adjusts both fields together for that many steps so that each is
     the other's inverse in both orders (:mod:`InverseRegLib.mutual`: 300 steps reach 0.008 mm on
-    1 mm brains, ~1 s each on two CPU cores, for ~0.006 Dice; 0, the default, skips it).
+    1 mm brains, under 1 s each on two CPU cores, for ~0.006 Dice; 0, the default, skips it).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share),
     and are carried to the other grid (``result.label_images``) with ``label_interpolation``
