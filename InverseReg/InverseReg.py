@@ -72,6 +72,8 @@ class InverseRegParameterNode:
     refineSteps: Annotated[int, WithinRange(0, 500)] = 0
     # joint steps making each field the other's inverse in both orders (0 = off; InverseRegLib.mutual)
     mutualInverseSteps: Annotated[int, WithinRange(0, 1000)] = 0
+    # stop those steps once both orders' mean error is at most this many mm (0 = run them all)
+    mutualInverseTarget: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     modelPath: str = ""
     forwardTransform: vtkMRMLGridTransformNode
     backwardTransform: vtkMRMLGridTransformNode
@@ -356,7 +358,8 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
     def registrationOptions(parameters) -> dict:
         return dict(device=parameters.device, affine=parameters.affine, passes=int(parameters.networkPasses),
                     refine=int(parameters.refineSteps), quality=parameters.quality, model=parameters.modelPath,
-                    mutual_inverse=int(parameters.mutualInverseSteps))
+                    mutual_inverse=int(parameters.mutualInverseSteps),
+                    mutual_target=float(parameters.mutualInverseTarget))
 
     def startRegistration(self, parameters):
         """Export copies of the inputs to a new temporary folder and send the request to the

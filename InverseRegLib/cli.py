@@ -135,13 +135,13 @@ def cmd_register(args) -> int:
     from .device import resolve_device
     resolve_device(args.device)  # a wrong --device is one error line, not one under a started bar
     polish = _polish_arg(args)  # so is a wrong --polish
-    mutual_steps = _mutual_arg(args)  # and a wrong --mutual-inverse
+    mutual = _mutual_arg(args)  # and a wrong --mutual-inverse or --mutual-target
     progress = _Progress(args.progress, "register")
     try:
         result = register(fixed, moving, model, args.device, _affine_arg(args), args.refine,
                           fixed_seg, moving_seg, _labels_arg(args.labels), progress=progress, passes=args.passes,
                           precision=args.precision, label_interpolation=args.label_interpolation,
-                          quality=args.quality, polish_settings=polish, mutual_steps=mutual_steps)
+                          quality=args.quality, polish_settings=polish, **mutual)
     finally:
         progress.close()
     del fixed, moving, fixed_seg, moving_seg  # not needed for writing, where the peak memory is on large grids
@@ -215,18 +215,34 @@ def add_after_register_options(p) -> None:
                         "grid): det J of each field, or its natural log with --jacobian log")
 
 
+#: the most mutual-inverse steps when only --mutual-target is given (~10 minutes on two CPU cores)
+TARGET_ONLY_MAX_STEPS = 1000
+
+
 def add_mutual_inverse(p) -> None:
-    p.add_argument("--mutual-inverse", type=int, default=0, metavar="STEPS",
+    p.add_argument("--mutual-inverse", type=int, default=None, metavar="STEPS",
                    help="then adjust both fields together for STEPS steps so each is the other's inverse "
                         "in both orders (default 0: off; 300 reach 0.008 mm on 1 mm brains, under "
                         "1 s each on two CPU cores, for ~0.006 Dice)")
+    p.add_argument("--mutual-target", type=float, default=None, metavar="MM",
+                   help="stop those steps as soon as the mean inverse-consistency error is at most MM in both "
+                        f"orders (over each image's foreground); alone, it means at most "
+                        f"{TARGET_ONLY_MAX_STEPS} steps (e.g. --mutual-target 0.01)")
 
 
-def _mutual_arg(args) -> int:
-    """``--mutual-inverse`` checked before any work (one error line, not one under a started bar)."""
-    if args.mutual_inverse < 0:
-        raise InverseRegError(f"--mutual-inverse must be >= 0, got {args.mutual_inverse}")
-    return args.mutual_inverse
+def _mutual_arg(args) -> dict:
+    """``--mutual-inverse`` and ``--mutual-target`` as register()'s keywords, checked before any
+    work (one error line, not one under a started bar)."""
+    steps, target = args.mutual_inverse, args.mutual_target
+    if steps is not None and steps < 0:
+        raise InverseRegError(f"--mutual-inverse must be >= 0, got {steps}")
+    if target is not None:
+        if not 0 < target < float("inf"):
+            raise InverseRegError(f"--mutual-target must be a number of mm > 0, got {target}")
+        if steps == 0:
+            raise InverseRegError("--mutual-target needs --mutual-inverse above 0 (or left out)")
+        steps = TARGET_ONLY_MAX_STEPS if steps is None else steps
+    return {"mutual_steps": steps or 0, "mutual_target_mm": target}
 
 
 def add_after_register_commands(sub, add_common, add_alignment, add_precision) -> None:
@@ -327,7 +343,7 @@ def cmd_study(args) -> int:
     options = {"device": args.device, "affine": _affine_arg(args), "refine": args.refine,
                "labels": _labels_arg(args.labels), "passes": args.passes, "precision": args.precision,
                "label_interpolation": args.label_interpolation, "quality": args.quality,
-               "mutual_steps": _mutual_arg(args)}
+               **_mutual_arg(args)}
     model = load_model(args.model)
     rows = run_study(pairs, args.output, model, options, args.jacobian, progress=not args.quiet,
                      compression=args.compression)
@@ -377,7 +393,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from .evaluate import evaluate_folder
-    mutual_steps = _mutual_arg(args)
+    mutual = _mutual_arg(args)
     bar = _bar("evaluate", None, "pair")
 
     def on_pair(done: int, total: int) -> None:
@@ -387,7 +403,7 @@ def cmd_evaluate(args) -> int:
     try:
         summary = evaluate_folder(args.data_dir, args.output, args.model, args.device, _affine_arg(args),
                                   args.refine, _labels_arg(args.labels), args.subjects, on_pair, args.passes,
-                                  args.precision, args.quality, mutual_steps)
+                                  args.precision, args.quality, **mutual)
     finally:
         bar.close()
     print(json.dumps(summary, indent=2))

@@ -17,14 +17,15 @@ from .pipeline import register
 
 PAIR_COLUMNS = ["fixed", "moving", "dice_mean_before", "dice_mean", "dice_mean_backward", "bir", "bir_backward",
                 "folding_percent_forward", "folding_percent_backward", "ice_mean_mm", "ice_p95_mm",
-                "ice_moving_mean_mm", "ice_moving_p95_mm", "seconds_inverse",
+                "ice_moving_mean_mm", "ice_moving_p95_mm", "seconds_inverse", "mutual_steps_run", "seconds_mutual",
                 "seconds_network", "seconds_total", "peak_memory_mb_process"]
 
 
 def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, device="auto",
                     affine: str | None = "affine", refine: int = 0, labels=None, subjects: list[str] | None = None,
                     pair_callback: Callable[[int, int], None] | None = None, passes: int | None = None,
-                    precision: str = "auto", quality: str = "fast", mutual_steps: int = 0) -> dict:
+                    precision: str = "auto", quality: str = "fast", mutual_steps: int = 0,
+                    mutual_target_mm: float | None = None) -> dict:
     """Register every ordered pair (fixed, moving) of labelled subjects and write
     ``pairs.csv``, ``labels.csv`` and ``summary.json`` into ``outdir``; returns the summary.
     The options are :func:`~.pipeline.register`'s."""
@@ -44,7 +45,8 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
     for index, (fixed, moving) in enumerate(pairs):
         result = register(read_image(fixed.image), read_image(moving.image), model, device, affine, refine,
                           read_label(fixed.label), read_label(moving.label), labels, passes=passes,
-                          precision=precision, quality=quality, mutual_steps=mutual_steps)
+                          precision=precision, quality=quality, mutual_steps=mutual_steps,
+                          mutual_target_mm=mutual_target_mm)
         report = result.report
         rows.append({"fixed": fixed.name, "moving": moving.name, **{k: report.get(k) for k in PAIR_COLUMNS[2:]}})
         for label, value in report["dice_per_label"].items():
@@ -55,7 +57,8 @@ def evaluate_folder(data_dir, outdir, model: LoadedModel | str | None = None, de
     summary = {"pairs": len(rows), "model_id": model.model_id, "device": rows[0] and result.report["device"],
                "passes": result.report["passes"], "refine_steps": result.report["refine_steps"],
                "precision": result.report["precision"], "quality": result.report["quality"],
-               "mutual_steps": result.report["mutual_steps"], "affine": result.report["affine"]}
+               "mutual_steps": result.report["mutual_steps"], "mutual_target_mm": mutual_target_mm,
+               "affine": result.report["affine"]}
     for key in PAIR_COLUMNS[2:]:
         values = np.asarray([r[key] for r in rows if r[key] is not None], dtype=float)
         if values.size:

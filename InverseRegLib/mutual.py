@@ -46,10 +46,12 @@ MASK_MARGIN = 2
 
 @dataclass
 class MutualStats:
-    steps: int  # iterations run
-    fixed_order_mm: float  # mean |b(x + f(x)) + f(x)| over the (grown) fixed mask, after the steps
+    steps_run: int  # iterations run (fewer than asked when the target was reached)
+    target_mm: float | None  # the steps stop once both orders' means are at most this (None: all run)
+    reached_target: bool  # whether they did (then ``steps_run`` is how many it took)
+    fixed_order_mm: float  # mean |b(x + f(x)) + f(x)| over the fixed mask, after the steps
     fixed_order_before_mm: float  # the same before them
-    moving_order_mm: float  # mean |f(q + b(q)) + b(q)| over the (grown) moving mask, after
+    moving_order_mm: float  # mean |f(q + b(q)) + b(q)| over the moving mask, after
     moving_order_before_mm: float  # and before
     forward_change_mm: float  # mean |f_after - f_before| over the fixed mask
 
@@ -72,6 +74,8 @@ class _Side:
         if margin > 0:
             grown = F.max_pool3d(grown, 2 * margin + 1, stride=1, padding=margin)
         self.index = grown.view(-1).nonzero()[:, 0]
+        # which of those voxels are the mask's own: where a target is judged, as the report's ICE is
+        self.core = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).view(-1)[self.index]
         self.points = physical_points(geometry).view(-1, 3)[self.index]
         k = _to_normalized(geometry)
         self.k_t = torch.as_tensor(k.T, dtype=torch.float32)
@@ -105,6 +109,12 @@ def _mean_norm(residuals: torch.Tensor) -> float:
     return float(residuals.norm(dim=-1).mean()) if len(residuals) else 0.0
 
 
+def _judged(fixed: _Side, moving: _Side, e_fixed: torch.Tensor, e_moving: torch.Tensor) -> tuple[float, float]:
+    """Both orders' mean error over the masks' own voxels (not the margin they were grown by)."""
+    with torch.no_grad():
+        return _mean_norm(e_fixed[fixed.core]), _mean_norm(e_moving[moving.core])
+
+
 def _errors(fixed: _Side, moving: _Side) -> tuple[torch.Tensor, torch.Tensor]:
     """(fixed-order, moving-order) residual vectors at the two masks' voxels."""
     f = fixed.at_voxels()
@@ -114,38 +124,53 @@ def _errors(fixed: _Side, moving: _Side) -> tuple[torch.Tensor, torch.Tensor]:
 
 def make_mutually_inverse(forward, fixed_geometry: Geometry, backward, moving_geometry: Geometry,
                           fixed_mask: np.ndarray, moving_mask: np.ndarray, steps: int,
-                          step_mm: float = DEFAULT_STEP_MM, margin: int = MASK_MARGIN,
-                          report: Callable[[int], None] | None = None,
+                          step_mm: float | None = None, margin: int = MASK_MARGIN,
+                          target_mm: float | None = None,
+                          report: Callable[[int, float], None] | None = None,
                           cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, MutualStats]:
     """``(forward, backward, stats)`` after ``steps`` joint iterations (see the module docstring).
 
     ``forward`` (z, y, x, 3) on ``fixed_geometry`` (fixed -> moving points), ``backward`` on
     ``moving_geometry``; neither is modified. ``fixed_mask`` / ``moving_mask``: (z, y, x) bool on
-    each grid, where the inverse consistency counts. ``report(step)`` hears of every step;
-    ``cancel()`` is asked before each and stops with :class:`~.pipeline.Cancelled`.
+    each grid, where the inverse consistency counts. ``step_mm``: Adam's rate (None:
+    :data:`DEFAULT_STEP_MM`). ``target_mm``: stop as soon as both orders' means are at most this
+    (measured on the residuals each step computes anyway, so the check costs nothing); ``steps``
+    is then the most that run. ``report(step, error_mm)`` hears of every step, with the worse
+    order's mean error when it started; ``cancel()`` is asked before each and stops with :class:`~.pipeline.Cancelled`. The target,
+    the reported errors and the statistics count the masks' own voxels, as register()'s ICE does;
+    the loss also counts the margin they are grown by.
     """
+    step_mm = DEFAULT_STEP_MM if step_mm is None else step_mm
     if steps < 0 or not step_mm > 0:
         raise ValueError(f"need steps >= 0 and step_mm > 0, got {steps}, {step_mm}")
+    if target_mm is not None and not target_mm > 0:
+        raise ValueError(f"need target_mm > 0 (or None), got {target_mm}")
     fixed = _Side(forward, fixed_geometry, fixed_mask, margin)
     moving = _Side(backward, moving_geometry, moving_mask, margin)
     start = fixed.at_voxels().detach().clone()
     optimiser = torch.optim.Adam([fixed.volume, moving.volume], lr=step_mm, fused=True)
     with torch.no_grad():
-        e_fixed, e_moving = _errors(fixed, moving)
-        before = (_mean_norm(e_fixed), _mean_norm(e_moving))
+        before = _judged(fixed, moving, *_errors(fixed, moving))
+    ran, reached = 0, False
     for step in range(steps):
         if cancel is not None and cancel():
             from .pipeline import Cancelled
             raise Cancelled(f"registration cancelled during mutual-inverse step {step + 1}")
         e_fixed, e_moving = _errors(fixed, moving)
+        error = max(_judged(fixed, moving, e_fixed, e_moving))  # the fields as the previous step left them
+        if target_mm is not None and error <= target_mm:
+            reached = True
+            break
         loss = e_fixed.pow(2).sum() / max(len(e_fixed), 1) + e_moving.pow(2).sum() / max(len(e_moving), 1)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
+        ran = step + 1
         if report is not None:
-            report(step + 1)
+            report(ran, error)
     with torch.no_grad():
-        e_fixed, e_moving = _errors(fixed, moving)
-        stats = MutualStats(steps, _mean_norm(e_fixed), before[0], _mean_norm(e_moving), before[1],
-                            _mean_norm(fixed.at_voxels() - start))
+        after = _judged(fixed, moving, *_errors(fixed, moving))
+        reached = reached or (target_mm is not None and max(after) <= target_mm)
+        stats = MutualStats(ran, target_mm, reached, after[0], before[0], after[1], before[1],
+                            _mean_norm((fixed.at_voxels() - start)[fixed.core]))
     return fixed.field(), moving.field(), stats

@@ -13,6 +13,7 @@ backward one is ``backward(q) = A⁻¹(q) + d_TS(A⁻¹(q)) - q`` on the moving 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -183,6 +184,26 @@ MUTUAL_SPAN = (0.7, 0.75)
 MUTUAL_REST_IN_STEPS = 10
 
 
+def mutual_progress(report_progress, steps: int, target_mm: float | None):
+    """make_mutually_inverse's ``report(step, error_mm)`` -> register()'s progress between
+    :data:`MUTUAL_SPAN`: the steps' share of ``steps``, or with a target, if further, how far the
+    error has fallen towards it (on a log scale, from the first step's error; it falls steadily)."""
+    start_error, done = [], [0.0]
+
+    def report(step: int, error_mm: float) -> None:
+        fraction = step / steps
+        if target_mm is not None:
+            start_error[:1] = start_error[:1] or [error_mm]
+            if start_error[0] > target_mm and error_mm > 0:
+                fraction = max(fraction, math.log(start_error[0] / error_mm) / math.log(start_error[0] / target_mm))
+        done[0] = max(done[0], min(fraction, 1.0))
+        goal = f", target {target_mm:g} mm" if target_mm is not None else ""
+        report_progress(MUTUAL_SPAN[0] + (MUTUAL_SPAN[1] - MUTUAL_SPAN[0]) * done[0],
+                        f"mutual-inverse step {step} of {'at most ' if target_mm is not None else ''}{steps}: "
+                        f"error {error_mm:.4f} mm{goal}")
+    return report
+
+
 def mutual_progress_scale(steps: int):
     """The progress fraction of register()'s stages -> the bar's when ``steps`` mutual-inverse
     steps run: they get their share of the time (~steps / (steps + MUTUAL_REST_IN_STEPS)) in
@@ -219,6 +240,7 @@ def register(
     fullres_settings=None,
     polish_settings=None,
     mutual_steps: int = 0,
+    mutual_target_mm: float | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` onto ``fixed`` and ``fixed`` onto ``moving``; both fields come from the
     same network passes.
@@ -237,7 +259,9 @@ def register(
     backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
     ``mutual_steps`` > 0 then adjusts both fields together for that many steps so that each is
     the other's inverse in both orders (:mod:`InverseRegLib.mutual`: 300 steps reach 0.008 mm on
-    1 mm brains, under 1 s each on two CPU cores, for ~0.006 Dice; 0, the default, skips it).
+    1 mm brains, under 1 s each on two CPU cores, for ~0.006 Dice; 0, the default, skips it);
+    ``mutual_target_mm`` stops them as soon as both orders' means are at most that (then
+    ``mutual_steps`` is the most that run; the report says how many did).
     Label maps, if given, add Dice per label (both directions) and BIR to the report, over
     ``labels`` (see :func:`InverseRegLib.metrics.resolve_labels`; default: labels both maps share),
     and are carried to the other grid (``result.label_images``) with ``label_interpolation``
@@ -262,6 +286,12 @@ def register(
         raise InverseRegError(f"refine must be >= 0, got {refine}")
     if isinstance(mutual_steps, bool) or not isinstance(mutual_steps, int) or mutual_steps < 0:
         raise InverseRegError(f"mutual_steps must be a whole number >= 0, got {mutual_steps!r}")
+    if mutual_target_mm is not None:
+        if isinstance(mutual_target_mm, bool) or not isinstance(mutual_target_mm, (int, float)) \
+                or not 0 < mutual_target_mm < float("inf"):
+            raise InverseRegError(f"mutual_target_mm must be a number of mm > 0, got {mutual_target_mm!r}")
+        if not mutual_steps:
+            raise InverseRegError("mutual_target_mm needs mutual_steps > 0 (the most steps to run for it)")
     passes = DEFAULT_PASSES if passes is None else passes
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
         raise InverseRegError(f"passes must be a whole number >= 1, got {passes!r}")
@@ -369,8 +399,8 @@ def register(
         t0 = time.perf_counter()
         forward, backward, mutual = make_mutually_inverse(
             forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask, mutual_steps,
-            report=lambda step: report_progress(MUTUAL_SPAN[0] + (MUTUAL_SPAN[1] - MUTUAL_SPAN[0]) * step / mutual_steps,
-                                                f"mutual-inverse step {step} of {mutual_steps}"),
+            target_mm=None if mutual_target_mm is None else float(mutual_target_mm),
+            report=mutual_progress(report_progress, mutual_steps, mutual_target_mm),
             cancel=cancel)
         # the written fields changed after the model grid: their folding is judged on the image grids
         forward, forward_repair = repair_folds(forward, fixed_geometry)

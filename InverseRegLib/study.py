@@ -145,12 +145,12 @@ def is_done(folder: Path, pair: Pair, options: dict) -> bool:
 
 def _with_later_defaults(recorded):
     """Options a report recorded, with the defaults of options added since (a study made before
-    ``quality`` and ``mutual_steps`` were recorded ran fast with none: still done under those)."""
+    ``quality``, ``mutual_steps`` and ``mutual_target_mm`` were recorded ran fast with none: still done under those)."""
     return {**LATER_DEFAULTS, **recorded} if isinstance(recorded, dict) else recorded
 
 
 #: options recorded since the first studies, with the value those studies ran with
-LATER_DEFAULTS = {"quality": "fast", "mutual_steps": 0}
+LATER_DEFAULTS = {"quality": "fast", "mutual_steps": 0, "mutual_target_mm": None}
 
 
 def register_pair(pair: Pair, folder: Path, model, options: dict, jacobian: str | None = None,
@@ -173,7 +173,7 @@ def register_pair(pair: Pair, folder: Path, model, options: dict, jacobian: str 
     result = register(fixed, moving, model, options["device"], options["affine"], options["refine"], fixed_seg,
                       moving_seg, options["labels"], passes=options["passes"], precision=options["precision"],
                       label_interpolation=options["label_interpolation"], quality=options["quality"],
-                      mutual_steps=options["mutual_steps"])
+                      mutual_steps=options["mutual_steps"], mutual_target_mm=options.get("mutual_target_mm"))
     if jacobian:
         from .jacobian import jacobian_images
         result.extra_images.update(jacobian_images(result.forward, result.backward, jacobian))

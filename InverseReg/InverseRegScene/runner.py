@@ -21,14 +21,16 @@ RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
 def register_command(python: str, fixed: str, moving: str, output: str, device: str = "auto",
                      affine: str = "affine", passes: int = 2, refine: int = 0, quality: str = "fast",
                      model: str = "", fixed_labels: str = "", moving_labels: str = "",
-                     mutual_inverse: int = 0) -> list:
-    """The command line of one registration. ``--quality`` is passed only for ``best`` and
-    ``--mutual-inverse`` only when above 0, so the default command works with a library that
-    does not know these options."""
+                     mutual_inverse: int = 0, mutual_target: float = 0.0) -> list:
+    """The command line of one registration. ``--quality`` is passed only for ``best``,
+    ``--mutual-inverse`` only when above 0 and ``--mutual-target`` only with it and above 0, so the
+    default command works with a library that does not know these options."""
     if quality not in ("fast", "best"):
         raise ValueError(f"quality must be 'fast' or 'best', not '{quality}'")
     if int(mutual_inverse) < 0:
         raise ValueError(f"mutual-inverse steps must be >= 0, not {mutual_inverse}")
+    if not float(mutual_target) >= 0:
+        raise ValueError(f"the mutual-inverse target must be >= 0 mm, not {mutual_target}")
     command = [python, "-m", "InverseRegLib", "register", fixed, moving, "-o", output,
                "--device", device, "--affine", affine, "--passes", str(int(passes)),
                "--refine", str(int(refine)), "--progress", "json"]
@@ -36,6 +38,8 @@ def register_command(python: str, fixed: str, moving: str, output: str, device: 
         command += ["--quality", "best"]
     if int(mutual_inverse) > 0:
         command += ["--mutual-inverse", str(int(mutual_inverse))]
+        if float(mutual_target) > 0:
+            command += ["--mutual-target", repr(float(mutual_target))]
     if model:
         command += ["--model", model]
     if bool(fixed_labels) != bool(moving_labels):
@@ -131,10 +135,10 @@ class RegistrationRunner:
 def register_request(request_id: str, fixed: str, moving: str, output: str, device: str = "auto",
                      affine: str = "affine", passes: int = 2, refine: int = 0, quality: str = "fast",
                      model: str = "", fixed_labels: str = "", moving_labels: str = "",
-                     mutual_inverse: int = 0) -> dict:
+                     mutual_inverse: int = 0, mutual_target: float = 0.0) -> dict:
     """One request for ``inversereg worker``: the same options as :func:`register_command`."""
     command = register_command("python", fixed, moving, output, device, affine, passes, refine, quality, model,
-                               fixed_labels, moving_labels, mutual_inverse)
+                               fixed_labels, moving_labels, mutual_inverse, mutual_target)
     options = {}
     flags = command[command.index("-o") + 2:]
     for index in range(0, len(flags), 2):

@@ -187,6 +187,15 @@ class SceneBasicsTests(unittest.TestCase):
         self.assertEqual(request["options"]["mutual_inverse"], "200")
         with self.assertRaises(ValueError):
             register_command("python", "f.nrrd", "m.nrrd", "out", mutual_inverse=-1)
+        # the target only with steps to stop; read back exactly as the panel's 3 decimals set it
+        self.assertNotIn("--mutual-target", register_command("python", "f.nrrd", "m.nrrd", "out", mutual_target=0.01))
+        self.assertNotIn("--mutual-target", asked)
+        targeted = register_command("python", "f.nrrd", "m.nrrd", "out", mutual_inverse=400, mutual_target=0.01)
+        self.assertEqual(float(targeted[targeted.index("--mutual-target") + 1]), 0.01)
+        request = register_request("1", "f.nrrd", "m.nrrd", "out", mutual_inverse=400, mutual_target=0.01)
+        self.assertEqual(float(request["options"]["mutual_target"]), 0.01)
+        with self.assertRaises(ValueError):
+            register_command("python", "f.nrrd", "m.nrrd", "out", mutual_inverse=10, mutual_target=-0.5)
 
     def test_runner_reports_an_error_event_and_a_crash(self):
         failing = RegistrationRunner([PYTHON, "-c", "import json,sys; print(json.dumps({'event': 'progress', "

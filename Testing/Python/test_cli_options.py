@@ -124,6 +124,23 @@ def test_mutual_inverse_option_reaches_register(capsys, files, tmp_path):
     assert code == 2 and len(err) == 1 and "--mutual-inverse" in err[0] and not (tmp_path / "bad").exists()
 
 
+def test_mutual_target_alone_caps_the_steps_and_stops_them(capsys, files, tmp_path):
+    """``--mutual-target MM`` alone asks for at most TARGET_ONLY_MAX_STEPS steps, stopped when both
+    orders are within MM: the translation's exact inverse (without the model-grid stage) already
+    is, so none runs (the report says so). A target of 0, or one with ``--mutual-inverse 0``, is one error line and exit 2."""
+    from InverseRegLib.cli import TARGET_ONLY_MAX_STEPS
+    report, _, _ = register_cli(capsys, files, tmp_path / "on", "--no-affine", "--passes", "1",
+                                "--polish", "0", "--mutual-target", "0.01", "--progress", "none", model="shift.pt")
+    assert report["mutual_steps"] == TARGET_ONLY_MAX_STEPS and report["mutual_target_mm"] == 0.01
+    assert report["mutual_steps_run"] == 0 and report["mutual_reached_target"] is True
+    for bad, says in ((["--mutual-target", "0"], "--mutual-target must be"),
+                      (["--mutual-target", "0.01", "--mutual-inverse", "0"], "needs --mutual-inverse")):
+        code = main([str(a) for a in ["register", files["fixed.nii.gz"], files["moving.nii.gz"], "-o",
+                                      tmp_path / "bad", "--model", files["shift.pt"], "--device", "cpu", *bad]])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and says in err[0] and not (tmp_path / "bad").exists()
+
+
 def test_precision_is_recorded_and_changes_the_network_arithmetic(capsys, files, tmp_path):
     full, _, _ = register_cli(capsys, files, tmp_path / "f32", "--no-affine", "--precision", "float32",
                               "--progress", "none")

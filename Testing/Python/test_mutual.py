@@ -12,7 +12,7 @@ from test_inverse import FIXED, MOVING, central_mask, composed_error
 from InverseRegLib.errors import InverseRegError
 from InverseRegLib.fields import field_to_image, jacobian_determinant
 from InverseRegLib.inverse import invert_field
-from InverseRegLib.mutual import make_mutually_inverse
+from InverseRegLib.mutual import DEFAULT_STEP_MM, make_mutually_inverse
 from InverseRegLib.pipeline import Cancelled, register
 
 
@@ -50,11 +50,33 @@ def test_both_orders_fall_on_different_grids():
     np.testing.assert_array_equal(backward, copies[1])
     fixed_after, moving_after = both_orders(new_forward, new_backward)
     assert fixed_after < fixed_before / 3 and moving_after < fixed_before / 3
-    assert stats.steps == 150 and stats.fixed_order_before_mm == pytest.approx(fixed_before, rel=0.3)
+    assert stats.steps_run == 150 and not stats.reached_target and stats.fixed_order_before_mm == pytest.approx(fixed_before, rel=0.3)
     assert stats.fixed_order_mm < stats.fixed_order_before_mm / 3
-    # Adam's steps are about its rate (0.01 mm) per component at most
-    assert 0 < stats.forward_change_mm and np.abs(new_forward - forward).max() <= 150 * 0.01 * 1.05
+    # Adam's steps are about its rate per component at most
+    assert 0 < stats.forward_change_mm and np.abs(new_forward - forward).max() <= 150 * DEFAULT_STEP_MM * 1.05
     assert (jacobian_determinant(new_forward, FIXED) > 0).all() and (jacobian_determinant(new_backward, MOVING) > 0).all()
+
+
+def test_a_target_stops_the_steps_at_the_first_that_reaches_it():
+    """With ``target_mm`` the steps stop as soon as both orders' means are at most the target:
+    one step fewer leaves one order above it, the cap is not used up, and SimpleITK's measure of
+    the written fields agrees (its masks are not grown, so within a margin). A target out of reach
+    runs every step and says it was not reached."""
+    forward = wavy_forward(FIXED)
+    backward, _ = invert_field(forward, FIXED, MOVING)
+    masks = central_mask(FIXED, 20.0), central_mask(MOVING, 20.0)
+    target = 0.5 * both_orders(forward, backward)[0]
+    new_forward, new_backward, stats = make_mutually_inverse(forward, FIXED, backward, MOVING, *masks, 400,
+                                                             target_mm=target)
+    assert stats.reached_target and stats.target_mm == target and 0 < stats.steps_run < 400
+    assert max(stats.fixed_order_mm, stats.moving_order_mm) <= target
+    _, _, one_fewer = make_mutually_inverse(forward, FIXED, backward, MOVING, *masks, stats.steps_run - 1)
+    assert max(one_fewer.fixed_order_mm, one_fewer.moving_order_mm) > target and not one_fewer.reached_target
+    assert max(both_orders(new_forward, new_backward)) < 1.3 * target
+    _, _, capped = make_mutually_inverse(forward, FIXED, backward, MOVING, *masks, 5, target_mm=1e-4)
+    assert capped.steps_run == 5 and not capped.reached_target
+    with pytest.raises(ValueError, match="target_mm > 0"):
+        make_mutually_inverse(forward, FIXED, backward, MOVING, *masks, 5, target_mm=0.0)
 
 
 def test_no_steps_change_nothing_and_bad_arguments_are_refused():
@@ -113,3 +135,8 @@ def test_register_option_reports_and_lowers_the_fixed_order(small_pair):
         register(fixed, moving, model, "cpu", None, mutual_steps=50, cancel=cancel_in_mutual)
     with pytest.raises(InverseRegError, match="mutual_steps must be"):
         register(fixed, moving, model, "cpu", None, mutual_steps=-2)
+    with pytest.raises(InverseRegError, match="needs mutual_steps > 0"):
+        register(fixed, moving, model, "cpu", None, mutual_target_mm=0.01)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.01"):
+        with pytest.raises(InverseRegError, match="mutual_target_mm must be"):
+            register(fixed, moving, model, "cpu", None, mutual_steps=5, mutual_target_mm=bad)
