@@ -72,7 +72,8 @@ class InverseRegParameterNode:
     refineSteps: Annotated[int, WithinRange(0, 500)] = 0
     # joint steps making each field the other's inverse in both orders (0 = off; InverseRegLib.mutual)
     mutualInverseSteps: Annotated[int, WithinRange(0, 1000)] = 0
-    # stop those steps once both orders' mean error is at most this many mm (0 = run them all)
+    # stop those steps once both orders' mean error is at most this many mm (0 = run them all;
+    # set with 0 steps: at most the command's cap, as --mutual-target alone)
     mutualInverseTarget: Annotated[float, WithinRange(0.0, 1.0)] = 0.0
     modelPath: str = ""
     forwardTransform: vtkMRMLGridTransformNode
@@ -500,6 +501,10 @@ class InverseRegLogic(ScriptedLoadableModuleLogic):
         lines = [f"Folding (det J <= 0): forward {report['folding_percent_forward']:.3f} %, "
                  f"backward {report['folding_percent_backward']:.3f} %",
                  f"Inverse consistency: mean {report['ice_mean_mm']:.3f} mm, 95% {report['ice_p95_mm']:.3f} mm"]
+        if report.get("mutual_target_mm") is not None:
+            verdict = "reached" if report.get("mutual_reached_target") else "not reached"
+            lines.append(f"Mutual-inverse target {report['mutual_target_mm']:g} mm {verdict} after "
+                         f"{report.get('mutual_steps_run', 0)} of at most {report.get('mutual_steps', 0)} steps")
         if report.get("dice_mean") is not None:
             lines.append(f"Dice {report['dice_mean_before']:.3f} -> {report['dice_mean']:.3f} "
                          f"(backward {report['dice_mean_backward']:.3f}); BIR {report['bir']:.3f}")

@@ -23,8 +23,8 @@ def register_command(python: str, fixed: str, moving: str, output: str, device: 
                      model: str = "", fixed_labels: str = "", moving_labels: str = "",
                      mutual_inverse: int = 0, mutual_target: float = 0.0) -> list:
     """The command line of one registration. ``--quality`` is passed only for ``best``,
-    ``--mutual-inverse`` only when above 0 and ``--mutual-target`` only with it and above 0, so the
-    default command works with a library that does not know these options."""
+    ``--mutual-inverse`` and ``--mutual-target`` only when above 0, so the default command works
+    with a library that does not know these options."""
     if quality not in ("fast", "best"):
         raise ValueError(f"quality must be 'fast' or 'best', not '{quality}'")
     if int(mutual_inverse) < 0:
@@ -38,8 +38,8 @@ def register_command(python: str, fixed: str, moving: str, output: str, device: 
         command += ["--quality", "best"]
     if int(mutual_inverse) > 0:
         command += ["--mutual-inverse", str(int(mutual_inverse))]
-        if float(mutual_target) > 0:
-            command += ["--mutual-target", repr(float(mutual_target))]
+    if float(mutual_target) > 0:  # alone, the command runs at most its own cap of steps
+        command += ["--mutual-target", repr(float(mutual_target))]
     if model:
         command += ["--model", model]
     if bool(fixed_labels) != bool(moving_labels):

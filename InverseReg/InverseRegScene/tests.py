@@ -187,8 +187,11 @@ class SceneBasicsTests(unittest.TestCase):
         self.assertEqual(request["options"]["mutual_inverse"], "200")
         with self.assertRaises(ValueError):
             register_command("python", "f.nrrd", "m.nrrd", "out", mutual_inverse=-1)
-        # the target only with steps to stop; read back exactly as the panel's 3 decimals set it
-        self.assertNotIn("--mutual-target", register_command("python", "f.nrrd", "m.nrrd", "out", mutual_target=0.01))
+        # the target only when set; alone, the command's own cap of steps applies (as on the command
+        # line); read back exactly as the panel's 3 decimals set it
+        alone = register_command("python", "f.nrrd", "m.nrrd", "out", mutual_target=0.01)
+        self.assertNotIn("--mutual-inverse", alone)
+        self.assertEqual(float(alone[alone.index("--mutual-target") + 1]), 0.01)
         self.assertNotIn("--mutual-target", asked)
         targeted = register_command("python", "f.nrrd", "m.nrrd", "out", mutual_inverse=400, mutual_target=0.01)
         self.assertEqual(float(targeted[targeted.index("--mutual-target") + 1]), 0.01)

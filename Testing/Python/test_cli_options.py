@@ -129,8 +129,9 @@ def test_mutual_target_alone_caps_the_steps_and_stops_them(capsys, files, tmp_pa
     orders are within MM: the translation's exact inverse (without the model-grid stage) already
     is, so none runs (the report says so). A target of 0, or one with ``--mutual-inverse 0``, is one error line and exit 2."""
     from InverseRegLib.cli import TARGET_ONLY_MAX_STEPS
-    report, _, _ = register_cli(capsys, files, tmp_path / "on", "--no-affine", "--passes", "1",
-                                "--polish", "0", "--mutual-target", "0.01", "--progress", "none", model="shift.pt")
+    report, out, _ = register_cli(capsys, files, tmp_path / "on", "--no-affine", "--passes", "1",
+                                  "--polish", "0", "--mutual-target", "0.01", "--progress", "none", model="shift.pt")
+    assert f"mutual-inverse target 0.01 mm reached after 0 of at most {TARGET_ONLY_MAX_STEPS} steps" in out
     assert report["mutual_steps"] == TARGET_ONLY_MAX_STEPS and report["mutual_target_mm"] == 0.01
     assert report["mutual_steps_run"] == 0 and report["mutual_reached_target"] is True
     for bad, says in ((["--mutual-target", "0"], "--mutual-target must be"),

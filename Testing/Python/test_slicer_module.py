@@ -137,7 +137,8 @@ def test_every_option_the_module_passes_is_a_register_option():
     source = (ROOT / "InverseReg" / "InverseRegScene" / "runner.py").read_text(encoding="utf-8")
     body = source[source.index("def register_command"):source.index("return command", source.index("def register_command"))]
     options = set(re.findall(r'"(--[a-z-]+)"', body))
-    assert {"--passes", "--refine", "--affine", "--device", "--model", "--quality", "--mutual-inverse"} <= options
+    assert {"--passes", "--refine", "--affine", "--device", "--model", "--quality", "--mutual-inverse",
+            "--mutual-target"} <= options
     assert "registrationOptions" in MODULE.read_text(encoding="utf-8") and "register_request" in source  # the worker's requests
     register = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "register")[1]
     accepted = {s for action in register._actions for s in action.option_strings}
@@ -270,7 +271,7 @@ def test_every_node_selector_is_given_the_scene():
 def test_bound_widgets_can_represent_their_parameter():
     """parameterNodeWrapper binds by widget class and annotation (Slicer's guiConnectors.py):
     nodes to qMRMLNodeComboBox (whose nodeTypes are the annotation's classes), Choice strings to
-    QComboBox, bool to QCheckBox, int to QSpinBox."""
+    QComboBox, bool to QCheckBox, int to QSpinBox, float to QDoubleSpinBox."""
     annotations = _parameter_annotations()
     widgets = {w.get("name"): w for w in _ui_tree().iter("widget")}
     _, bound = _ui_widgets()
@@ -288,6 +289,8 @@ def test_bound_widgets_can_represent_their_parameter():
             assert widget.get("class") == "QCheckBox", name
         elif "int" in ast.unparse(annotation):
             assert widget.get("class") == "QSpinBox", name
+        elif "float" in ast.unparse(annotation):
+            assert widget.get("class") in ("QDoubleSpinBox", "ctkSliderWidget", "ctkDoubleSpinBox"), name
 
 
 def test_choice_combo_boxes_are_filled_with_exactly_the_choices():
@@ -336,3 +339,22 @@ def test_every_scene_function_the_logic_calls_is_tested_on_slicer_core():
         p.read_text(encoding="utf-8") for p in (ROOT / "Testing" / "Python").glob("test_slicer_*.py") if p.name != Path(__file__).name)
     untested = {name for name in used if not re.search(rf"\b{name}\(", tests)}
     assert untested == set()
+
+
+def test_summary_says_whether_the_mutual_inverse_target_was_reached():
+    """The panel's summary (a pure function of the report, run here from the module's source):
+    with a target, one line says whether the written fields reached it and after how many steps;
+    without, no such line."""
+    tree = ast.parse(MODULE.read_text(encoding="utf-8"))
+    function = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "summaryText")
+    function.decorator_list = []
+    namespace = {}
+    exec(compile(ast.Module([function], type_ignores=[]), str(MODULE), "exec"), namespace)
+    report = {"folding_percent_forward": 0.0, "folding_percent_backward": 0.0, "ice_mean_mm": 0.0099,
+              "ice_p95_mm": 0.03}
+    assert "target" not in namespace["summaryText"](report)
+    reached = {**report, "mutual_target_mm": 0.01, "mutual_reached_target": True, "mutual_steps_run": 107,
+               "mutual_steps": 1000}
+    assert "Mutual-inverse target 0.01 mm reached after 107 of at most 1000 steps" in namespace["summaryText"](reached)
+    missed = {**reached, "mutual_reached_target": False}
+    assert "0.01 mm not reached after 107" in namespace["summaryText"](missed)
