@@ -10,13 +10,16 @@ this minimises ::
     mean over the fixed mask of |f(x) + b(x + f(x))|²  +  mean over the moving mask of |b(q) + f(q + b(q))|²
 
 by Adam on the two fields' voxel values (a step of at most ``step_mm`` per voxel and iteration),
-from the exact inverse's pair. Both orders fall together; on 1 mm brains (03 -> 04, ``fast``'s
-fields) 200 steps take them from 0.072 / 0.0004 mm to 0.0105 / 0.0104 mm, moving f by 0.14 mm
-on average. The fields get smoother in the process, which cost 0.006 / 0.004 Dice on that pair:
-an option for those who need the pair inverse in both orders, not the default. On the report
-pairs 11 <-> 12, 300 steps give 0.008 mm in both orders for 0.0065 Dice (docs/benchmark.md,
-eighth round). About 0.7-0.8 s per step on two CPU cores for a 1 mm brain (1.5 M voxels in each
-mask), so ~4 minutes for 300.
+from the exact inverse's pair, until ``steps`` have run or both orders are within ``target_mm``.
+Both orders fall together, while the forward field drifts: reaching 0.01 mm in both orders moves
+it by ~0.14-0.16 mm on average on 1 mm brains, whatever the rate, and the fields get smoother in
+the process, which costs Dice (``fast`` on the report pairs 11 <-> 12: 0.0099 / 0.0098 mm in 107
+steps at the default rate, for 0.0059 mean Dice): an option for those who need the pair inverse
+in both orders, not the default. The rate (0.04 mm) was chosen on choice pairs 03 <-> 04, where
+it needs 0.45x the steps of 0.01 mm for the same Dice at the target (docs/benchmark.md, eighth and
+ninth rounds). Under 1 s per step on two CPU cores for a 1 mm brain (1.5 M voxels in each mask),
+so ~1.5 minutes for 0.01 mm. Sharp fields (``best``'s) can fold during the steps; the caller
+repairs them (:mod:`~.unfold`), which raises the error again there.
 
 The masks: the images' foregrounds, grown by :data:`MASK_MARGIN` voxels so the error is
 lowered a little beyond where it is measured. Points mapped beyond a grid read its border
@@ -37,7 +40,7 @@ from .fields import _to_normalized, physical_points
 from .grid import Geometry
 
 #: Adam's step (mm): the largest change of a voxel's displacement per iteration
-DEFAULT_STEP_MM = 0.01
+DEFAULT_STEP_MM = 0.04
 #: fewer points than this per thread are sampled on one thread (the split's bookkeeping costs more)
 MIN_POINTS_PER_THREAD = 65_536
 #: the foreground masks are grown by this many voxels (a cube) before the optimisation

@@ -45,7 +45,8 @@ def summary(path: str) -> None:
             print(f"| {quality} | {steps} | {step_mm if steps else ''} | {target if steps and target else ''} | "
                   f"{len(group)} | {min(run)}-{max(run)} | {np.mean([r['dice'] for r in group]):.4f} | "
                   f"{np.mean([r['dice_bwd'] for r in group]):.4f} | "
-                  f"{round(float(np.mean(gains)), 6) + 0.0:+.4f} | {max(r['fold_fwd'] for r in group):.4f} / "
+                  f"{f'{round(float(np.mean(gains)), 6) + 0.0:+.4f}' if gains else 'n/a'} | "
+                  f"{max(r['fold_fwd'] for r in group):.4f} / "
                   f"{max(r['fold_bwd'] for r in group):.4f} | {np.mean([r['ice'] for r in group]):.4f} / "
                   f"{np.mean([r['ice_moving'] for r in group]):.4f} | "
                   f"{np.median([r['seconds_mutual'] for r in group]):.1f} |")
@@ -83,7 +84,9 @@ def main() -> None:
                        dice_bwd=r["dice_mean_backward"], ice=r["ice_mean_mm"], ice_moving=r["ice_moving_mean_mm"],
                        fold_fwd=r["folding_percent_forward"], fold_bwd=r["folding_percent_backward"],
                        seconds_mutual=r["seconds_mutual"], seconds_total=r["seconds_total"],
-                       forward_change_mm=r.get("mutual_forward_change_mm", 0.0))
+                       forward_change_mm=r.get("mutual_forward_change_mm", 0.0),
+                       reached_target=r.get("mutual_reached_target"),
+                       folds_repaired=(r["folds_repaired_forward"], r["folds_repaired_backward"]))
             print(json.dumps(row), flush=True)
             with open(args.out, "a") as out:
                 out.write(json.dumps(row) + "\n")

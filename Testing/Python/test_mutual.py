@@ -34,7 +34,7 @@ def both_orders(forward, backward):
 
 def test_both_orders_fall_on_different_grids():
     """Different grids (size, spacing, oblique direction, origin). From the exact inverse, whose
-    moving order is ~0 and fixed order the interpolation floor, 150 steps bring the fixed order
+    moving order is ~0 and fixed order the interpolation floor, 60 steps bring the fixed order
     to under a third and keep the moving order under the same bound; the forward field moves
     by less than a step per iteration allows, nothing folds, the inputs are left as they were,
     and the statistics agree with SimpleITK's measure of the written fields. (The field is
@@ -45,15 +45,15 @@ def test_both_orders_fall_on_different_grids():
     assert fixed_before > 0.05 and moving_before < 2e-3  # the floor this module is for
     copies = forward.copy(), backward.copy()
     new_forward, new_backward, stats = make_mutually_inverse(
-        forward, FIXED, backward, MOVING, central_mask(FIXED, 20.0), central_mask(MOVING, 20.0), 150)
+        forward, FIXED, backward, MOVING, central_mask(FIXED, 20.0), central_mask(MOVING, 20.0), 60)
     np.testing.assert_array_equal(forward, copies[0])
     np.testing.assert_array_equal(backward, copies[1])
     fixed_after, moving_after = both_orders(new_forward, new_backward)
     assert fixed_after < fixed_before / 3 and moving_after < fixed_before / 3
-    assert stats.steps_run == 150 and not stats.reached_target and stats.fixed_order_before_mm == pytest.approx(fixed_before, rel=0.3)
+    assert stats.steps_run == 60 and not stats.reached_target and stats.fixed_order_before_mm == pytest.approx(fixed_before, rel=0.3)
     assert stats.fixed_order_mm < stats.fixed_order_before_mm / 3
     # Adam's steps are about its rate per component at most
-    assert 0 < stats.forward_change_mm and np.abs(new_forward - forward).max() <= 150 * DEFAULT_STEP_MM * 1.05
+    assert 0 < stats.forward_change_mm and np.abs(new_forward - forward).max() <= 60 * DEFAULT_STEP_MM * 1.05
     assert (jacobian_determinant(new_forward, FIXED) > 0).all() and (jacobian_determinant(new_backward, MOVING) > 0).all()
 
 
@@ -140,3 +140,39 @@ def test_register_option_reports_and_lowers_the_fixed_order(small_pair):
     for bad in (0.0, -1.0, float("nan"), float("inf"), True, "0.01"):
         with pytest.raises(InverseRegError, match="mutual_target_mm must be"):
             register(fixed, moving, model, "cpu", None, mutual_steps=5, mutual_target_mm=bad)
+
+
+def test_the_target_is_judged_on_the_fields_as_written(small_pair, monkeypatch):
+    """Sharp fields can fold during the steps, and the fold repair after them raises the error
+    again (best on 11 -> 12: 0.0099 mm in the loop, 0.014 written). The report then measures the
+    repaired fields and judges the target on those. Here a repair that changes a box of the
+    backward field after the steps stands in for that: the loop reached the target, the written
+    fields did not, and the report says so; without such a change nothing is measured again."""
+    import dataclasses
+    from inversereg_testlib import small_model
+    from InverseRegLib import mutual, pipeline
+    fixed, moving, _, _, _ = small_pair
+    model = small_model("default", 5e4)
+    clean = register(fixed, moving, model, "cpu", None, mutual_steps=200, mutual_target_mm=0.05).report
+    assert clean["mutual_reached_target"] and "mutual_fixed_order_after_repair_mm" not in clean
+    real_repair, real_steps, after_steps = pipeline.repair_folds, mutual.make_mutually_inverse, []
+
+    def steps(*args, **kwargs):
+        out = real_steps(*args, **kwargs)
+        after_steps.append(True)
+        return out
+
+    def repair(field, geometry, *args, **kwargs):
+        out, stats = real_repair(field, geometry, *args, **kwargs)
+        if after_steps and geometry is not None and field.shape[:3] == tuple(moving.GetSize()[::-1]):
+            out = np.array(out, copy=True)
+            out[20:28, 24:32, 20:28] += 1.0  # one order then errs ~1 mm on a box of the brain
+            stats = dataclasses.replace(stats, changed=stats.changed + 8 ** 3)
+        return out, stats
+
+    monkeypatch.setattr(mutual, "make_mutually_inverse", steps)
+    monkeypatch.setattr(pipeline, "repair_folds", repair)
+    broken = register(fixed, moving, model, "cpu", None, mutual_steps=200, mutual_target_mm=0.05).report
+    assert max(broken["mutual_fixed_order_mm"], broken["mutual_moving_order_mm"]) <= 0.05
+    assert broken["mutual_moving_order_after_repair_mm"] > 0.05 and broken["mutual_reached_target"] is False
+    assert broken["ice_moving_mean_mm"] > 0.05  # the report's own measure agrees
