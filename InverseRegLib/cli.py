@@ -370,9 +370,8 @@ def _print_summary(report: dict, written: dict) -> None:
         orders = (report.get("mutual_fixed_order_after_repair_mm", report["mutual_fixed_order_mm"]),
                   report.get("mutual_moving_order_after_repair_mm", report["mutual_moving_order_mm"]))
         verdict = "reached" if report["mutual_reached_target"] else "NOT reached"
-        why = (" (the fold repair after the steps raised it)" if not report["mutual_reached_target"]
-               and "mutual_fixed_order_after_repair_mm" in report and max(report["mutual_fixed_order_mm"],
-               report["mutual_moving_order_mm"]) <= report["mutual_target_mm"] else "")
+        loop_reached = max(report["mutual_fixed_order_mm"], report["mutual_moving_order_mm"]) <= report["mutual_target_mm"]
+        why = " (the fold repair after the steps raised it)" if loop_reached and not report["mutual_reached_target"] else ""
         lines.append(f"mutual-inverse target {report['mutual_target_mm']:g} mm {verdict} after "
                      f"{report['mutual_steps_run']} of at most {report['mutual_steps']} steps: "
                      f"{orders[0]:.4f} / {orders[1]:.4f} mm (fixed / moving order){why}")

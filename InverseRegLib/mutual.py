@@ -12,7 +12,7 @@ this minimises ::
 by Adam on the two fields' voxel values (a step of at most ``step_mm`` per voxel and iteration),
 from the exact inverse's pair, until ``steps`` have run or both orders are within ``target_mm``.
 Both orders fall together, while the forward field drifts: reaching 0.01 mm in both orders moves
-it by ~0.14-0.16 mm on average on 1 mm brains, whatever the rate, and the fields get smoother in
+it by ~0.15-0.17 mm on average on 1 mm brains, whatever the rate, and the fields get smoother in
 the process, which costs Dice (``fast`` on the report pairs 11 <-> 12: 0.0099 / 0.0098 mm in 107
 steps at the default rate, for 0.0059 mean Dice): an option for those who need the pair inverse
 in both orders, not the default. The rate (0.04 mm) was chosen on choice pairs 03 <-> 04, where
@@ -139,9 +139,9 @@ def make_mutually_inverse(forward, fixed_geometry: Geometry, backward, moving_ge
     :data:`DEFAULT_STEP_MM`). ``target_mm``: stop as soon as both orders' means are at most this
     (measured on the residuals each step computes anyway, so the check costs nothing); ``steps``
     is then the most that run. ``report(step, error_mm)`` hears of every step, with the worse
-    order's mean error when it started; ``cancel()`` is asked before each and stops with :class:`~.pipeline.Cancelled`. The target,
-    the reported errors and the statistics count the masks' own voxels, as register()'s ICE does;
-    the loss also counts the margin they are grown by.
+    order's mean error when it started; ``cancel()`` is asked before each and stops with
+    :class:`~.pipeline.Cancelled`. The target, the reported errors and the statistics count the
+    masks' own voxels, as register()'s ICE does; the loss also counts the margin they are grown by.
     """
     step_mm = DEFAULT_STEP_MM if step_mm is None else step_mm
     if steps < 0 or not step_mm > 0:
