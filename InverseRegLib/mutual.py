@@ -66,23 +66,24 @@ class _Side:
     """One field as a trainable (3, D, H, W) volume, its mask's voxels and the map from physical
     points to its grid_sample coordinates."""
 
-    def __init__(self, field, geometry: Geometry, mask: np.ndarray, margin: int):
+    def __init__(self, field, geometry: Geometry, mask: np.ndarray, margin: int, device: torch.device):
         values = torch.as_tensor(np.asarray(field, dtype=np.float32))
         if tuple(values.shape) != (*geometry.array_shape, 3):
             raise ValueError(f"field shape {tuple(values.shape)} does not match its grid {(*geometry.array_shape, 3)}")
         if tuple(mask.shape) != geometry.array_shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match its grid {geometry.array_shape}")
-        self.volume = values.permute(3, 0, 1, 2).contiguous().requires_grad_(True)
-        grown = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+        self.device = device
+        self.volume = values.permute(3, 0, 1, 2).contiguous().to(device).requires_grad_(True)
+        grown = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None].to(device)
         if margin > 0:
             grown = F.max_pool3d(grown, 2 * margin + 1, stride=1, padding=margin)
         self.index = grown.view(-1).nonzero()[:, 0]
         # which of those voxels are the mask's own: where a target is judged, as the report's ICE is
-        self.core = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).view(-1)[self.index]
-        self.points = physical_points(geometry).view(-1, 3)[self.index]
+        self.core = torch.from_numpy(np.ascontiguousarray(mask, dtype=bool)).to(device).view(-1)[self.index]
+        self.points = physical_points(geometry, device).view(-1, 3)[self.index]
         k = _to_normalized(geometry)
-        self.k_t = torch.as_tensor(k.T, dtype=torch.float32)
-        self.origin = torch.as_tensor(geometry.origin, dtype=torch.float32)
+        self.k_t = torch.as_tensor(k.T, dtype=torch.float32, device=device)
+        self.origin = torch.as_tensor(geometry.origin, dtype=torch.float32, device=device)
 
     def at_voxels(self) -> torch.Tensor:
         """(N, 3) displacements at the mask's voxels."""
@@ -93,10 +94,10 @@ class _Side:
 
         The points are cut into one batch entry per thread, the volume repeated as a stride-0
         view: PyTorch's CPU grid_sample, forward and backward, runs one batch entry per core
-        (as :mod:`~.sampling` does without gradients; 1.8x on two cores)."""
+        (as :mod:`~.sampling` does without gradients; 1.8x on two cores); a GPU takes them whole."""
         grid = (points - self.origin) @ self.k_t - 1.0
         count = grid.shape[0]
-        parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD))
+        parts = max(1, min(torch.get_num_threads(), count // MIN_POINTS_PER_THREAD)) if self.device.type == "cpu" else 1
         per_part = -(-count // parts)
         if per_part * parts > count:  # padded with copies of the last point, dropped below
             grid = torch.cat([grid, grid[-1:].expand(per_part * parts - count, 3)])
@@ -105,7 +106,7 @@ class _Side:
         return out.permute(0, 4, 1, 2, 3).reshape(parts * per_part, 3)[:count]
 
     def field(self) -> np.ndarray:
-        return self.volume.detach().permute(1, 2, 3, 0).contiguous().numpy()
+        return self.volume.detach().permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 def _mean_norm(residuals: torch.Tensor) -> float:
@@ -130,7 +131,8 @@ def make_mutually_inverse(forward, fixed_geometry: Geometry, backward, moving_ge
                           step_mm: float | None = None, margin: int = MASK_MARGIN,
                           target_mm: float | None = None,
                           report: Callable[[int, float], None] | None = None,
-                          cancel: Callable[[], bool] | None = None) -> tuple[np.ndarray, np.ndarray, MutualStats]:
+                          cancel: Callable[[], bool] | None = None,
+                          device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, MutualStats]:
     """``(forward, backward, stats)`` after ``steps`` joint iterations (see the module docstring).
 
     ``forward`` (z, y, x, 3) on ``fixed_geometry`` (fixed -> moving points), ``backward`` on
@@ -142,14 +144,18 @@ def make_mutually_inverse(forward, fixed_geometry: Geometry, backward, moving_ge
     order's mean error when it started; ``cancel()`` is asked before each and stops with
     :class:`~.pipeline.Cancelled`. The target, the reported errors and the statistics count the
     masks' own voxels, as register()'s ICE does; the loss also counts the margin they are grown by.
+    ``device``: where the steps run (register() passes its own; on a GPU they should take a
+    small part of the CPU's ~0.6 s each, not measured here); the fields come back as numpy
+    arrays either way.
     """
     step_mm = DEFAULT_STEP_MM if step_mm is None else step_mm
     if steps < 0 or not step_mm > 0:
         raise ValueError(f"need steps >= 0 and step_mm > 0, got {steps}, {step_mm}")
     if target_mm is not None and not target_mm > 0:
         raise ValueError(f"need target_mm > 0 (or None), got {target_mm}")
-    fixed = _Side(forward, fixed_geometry, fixed_mask, margin)
-    moving = _Side(backward, moving_geometry, moving_mask, margin)
+    device = torch.device(device)
+    fixed = _Side(forward, fixed_geometry, fixed_mask, margin, device)
+    moving = _Side(backward, moving_geometry, moving_mask, margin, device)
     start = fixed.at_voxels().detach().clone()
     optimiser = torch.optim.Adam([fixed.volume, moving.volume], lr=step_mm, fused=True)
     with torch.no_grad():

@@ -398,11 +398,14 @@ def register(
         from .mutual import make_mutually_inverse
         check_cancel()
         t0 = time.perf_counter()
-        forward, backward, mutual = make_mutually_inverse(
-            forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask, mutual_steps,
-            target_mm=None if mutual_target_mm is None else float(mutual_target_mm),
-            report=mutual_progress(report_progress, mutual_steps, mutual_target_mm),
-            cancel=cancel)
+        try:
+            forward, backward, mutual = make_mutually_inverse(
+                forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask, mutual_steps,
+                target_mm=None if mutual_target_mm is None else float(mutual_target_mm),
+                report=mutual_progress(report_progress, mutual_steps, mutual_target_mm),
+                cancel=cancel, device=device)
+        except torch.cuda.OutOfMemoryError:
+            raise InverseRegError("out of GPU memory during the mutual-inverse steps; rerun with device 'cpu'") from None
         # the written fields changed after the model grid: their folding is judged on the image grids
         forward, forward_repair = repair_folds(forward, fixed_geometry)
         forward_determinant = forward_repair.determinant

@@ -62,6 +62,7 @@ def main() -> None:
                         help="step counts to run (with --target: the most steps)")
     parser.add_argument("--step-mm", type=float, default=None,
                         help=f"Adam's rate (default mutual.DEFAULT_STEP_MM, {mutual.DEFAULT_STEP_MM} mm)")
+    parser.add_argument("--device", default="cpu", help="where register() runs, the steps included (default cpu)")
     parser.add_argument("--target", type=float, default=None,
                         help="stop once both orders' means are at most this many mm (register's mutual_target_mm)")
     args, state = parse_pair_run(parser, os.path.join("runs", "mutual-cache"), network=True)
@@ -76,7 +77,7 @@ def main() -> None:
         for steps in args.steps:
             if key(dict(pair=pair, quality=args.quality, steps=steps, step_mm=step_mm, target=args.target)) in done:
                 continue
-            r = pipeline.register(fixed, moving, device="cpu", fixed_seg=fixed_seg, moving_seg=moving_seg,
+            r = pipeline.register(fixed, moving, device=args.device, fixed_seg=fixed_seg, moving_seg=moving_seg,
                                   labels="freesurfer", quality=args.quality, mutual_steps=steps,
                                   mutual_target_mm=args.target if steps else None).report
             row = dict(pair=pair, quality=args.quality, steps=steps, step_mm=step_mm, target=args.target,

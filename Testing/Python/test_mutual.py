@@ -176,3 +176,17 @@ def test_the_target_is_judged_on_the_fields_as_written(small_pair, monkeypatch):
     assert max(broken["mutual_fixed_order_mm"], broken["mutual_moving_order_mm"]) <= 0.05
     assert broken["mutual_moving_order_after_repair_mm"] > 0.05 and broken["mutual_reached_target"] is False
     assert broken["ice_moving_mean_mm"] > 0.05  # the report's own measure agrees
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device here")
+def test_the_steps_on_a_gpu_give_the_cpus_fields():
+    """On a GPU (register() passes its device) the same steps give the same fields as on the CPU,
+    up to float32 summation order."""
+    forward = wavy_forward(FIXED)
+    backward, _ = invert_field(forward, FIXED, MOVING)
+    masks = central_mask(FIXED, 20.0), central_mask(MOVING, 20.0)
+    cpu = make_mutually_inverse(forward, FIXED, backward, MOVING, *masks, 20)
+    gpu = make_mutually_inverse(forward, FIXED, backward, MOVING, *masks, 20, device="cuda")
+    np.testing.assert_allclose(gpu[0], cpu[0], atol=2e-3)
+    np.testing.assert_allclose(gpu[1], cpu[1], atol=2e-3)
+    assert gpu[2].fixed_order_mm == pytest.approx(cpu[2].fixed_order_mm, rel=0.05)
