@@ -18,8 +18,9 @@ steps at the default rate, for 0.0059 mean Dice): an option for those who need t
 in both orders, not the default. The rate (0.04 mm) was chosen on choice pairs 03 <-> 04, where
 it needs 0.45x the steps of 0.01 mm for the same Dice at the target (docs/benchmark.md, eighth and
 ninth rounds). Under 1 s per step on two CPU cores for a 1 mm brain (1.5 M voxels in each mask),
-so ~1.5 minutes for 0.01 mm. Sharp fields (``best``'s) can fold during the steps; the caller
-repairs them (:mod:`~.unfold`), which raises the error again there.
+so ~1.5 minutes for 0.01 mm. Sharp fields (``best``'s) can fold during the steps; register()
+repairs them (:mod:`~.unfold`), which raises the error again there, and then runs a second round
+aiming lower (``pipeline._mutually_inverse_written``).
 
 The masks: the images' foregrounds, grown by :data:`MASK_MARGIN` voxels so the error is
 lowered a little beyond where it is measured. Points mapped beyond a grid read its border

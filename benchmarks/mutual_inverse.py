@@ -86,7 +86,7 @@ def main() -> None:
                        fold_fwd=r["folding_percent_forward"], fold_bwd=r["folding_percent_backward"],
                        seconds_mutual=r["seconds_mutual"], seconds_total=r["seconds_total"],
                        forward_change_mm=r.get("mutual_forward_change_mm", 0.0),
-                       reached_target=r.get("mutual_reached_target"),
+                       reached_target=r.get("mutual_reached_target"), rounds=r.get("mutual_rounds"),
                        folds_repaired=(r["folds_repaired_forward"], r["folds_repaired_backward"]))
             print(json.dumps(row), flush=True)
             with open(args.out, "a") as out:

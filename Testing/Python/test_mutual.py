@@ -146,7 +146,7 @@ def test_the_target_is_judged_on_the_fields_as_written(small_pair, monkeypatch):
     """Sharp fields can fold during the steps, and the fold repair after them raises the error
     again (best on 11 -> 12: 0.0099 mm in the loop, 0.014 written). The report then measures the
     repaired fields and judges the target on those. Here a repair that changes a box of the
-    backward field after the steps stands in for that: the loop reached the target, the written
+    fields after every round of steps stands in for that: the loop reached the target, the written
     fields did not, and the report says so; without such a change nothing is measured again."""
     import dataclasses
     from inversereg_testlib import small_model
@@ -176,6 +176,41 @@ def test_the_target_is_judged_on_the_fields_as_written(small_pair, monkeypatch):
     assert max(broken["mutual_fixed_order_mm"], broken["mutual_moving_order_mm"]) <= 0.05
     assert broken["mutual_moving_order_after_repair_mm"] > 0.05 and broken["mutual_reached_target"] is False
     assert broken["ice_moving_mean_mm"] > 0.05  # the report's own measure agrees
+    # every round's repair broke it: the rounds ran out, within the steps asked for
+    assert broken["mutual_rounds"] == pipeline.MUTUAL_ROUNDS and broken["mutual_steps_run"] <= 200
+
+
+def test_steps_resume_after_a_repair_that_lifted_the_error(small_pair, monkeypatch):
+    """When the fold repair lifts the written fields above the target once, a second round of
+    steps (aiming lower) brings them back within it, and the report says two rounds ran and the
+    target was reached; the report's own ICE of the written fields agrees."""
+    import dataclasses
+    from inversereg_testlib import small_model
+    from InverseRegLib import mutual, pipeline
+    fixed, moving, _, _, _ = small_pair
+    model = small_model("default", 5e4)
+    real_repair, real_steps, rounds = pipeline.repair_folds, mutual.make_mutually_inverse, []
+
+    def steps(*args, **kwargs):
+        out = real_steps(*args, **kwargs)
+        if args[6]:  # a round of steps, not a measurement
+            rounds.append(True)
+        return out
+
+    def repair(field, geometry, *args, **kwargs):
+        out, stats = real_repair(field, geometry, *args, **kwargs)
+        if len(rounds) == 1 and field.shape[:3] == tuple(moving.GetSize()[::-1]):
+            out = np.array(out, copy=True)
+            out[20:28, 24:32, 20:28] += 0.3  # one field, after the first round only
+            stats = dataclasses.replace(stats, changed=stats.changed + 8 ** 3)
+            rounds.append(False)  # once
+        return out, stats
+
+    monkeypatch.setattr(mutual, "make_mutually_inverse", steps)
+    monkeypatch.setattr(pipeline, "repair_folds", repair)
+    report = register(fixed, moving, model, "cpu", None, mutual_steps=400, mutual_target_mm=0.05).report
+    assert report["mutual_rounds"] == 2 and report["mutual_reached_target"] is True
+    assert report["ice_mean_mm"] <= 0.05 * 1.2 and report["ice_moving_mean_mm"] <= 0.05 * 1.2
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA device here")
