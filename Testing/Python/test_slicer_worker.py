@@ -23,6 +23,23 @@ def test_request_becomes_the_register_command_line():
         request_argv({"fixed": "f", "moving": "m", "output": "o", "options": {"progress": "bar"}})
 
 
+def test_the_panels_mutual_inverse_request_parses_as_register_options():
+    """The Slicer panel's request for mutual-inverse steps and a target (runner.register_request,
+    string values) reaches register() as the CLI's own parser reads it: the target alone means the
+    command's cap of steps, as on the command line."""
+    import sys
+    from pathlib import Path
+    from InverseRegLib.cli import TARGET_ONLY_MAX_STEPS, _mutual_arg, build_parser
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "InverseReg"))
+    from InverseRegScene.runner import register_request  # Qt-free, importable without Slicer
+    for steps, target, expected in ((400, 0.01, {"mutual_steps": 400, "mutual_target_mm": 0.01}),
+                                    (0, 0.01, {"mutual_steps": TARGET_ONLY_MAX_STEPS, "mutual_target_mm": 0.01}),
+                                    (0, 0.0, {"mutual_steps": 0, "mutual_target_mm": None})):
+        request = register_request("1", "f.nrrd", "m.nrrd", "out", mutual_inverse=steps, mutual_target=target)
+        args = build_parser().parse_args(request_argv(request))
+        assert _mutual_arg(args) == expected
+
+
 def test_serve_answers_every_request_with_its_id_and_keeps_going(tmp_path):
     requests = "\n".join([
         "not json",
