@@ -204,58 +204,6 @@ def mutual_progress(report_progress, steps: int, target_mm: float | None):
     return report
 
 
-#: with a target, at most this many rounds of steps and fold repair (see _mutually_inverse_written)
-MUTUAL_ROUNDS = 3
-
-
-def _mutually_inverse_written(forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask,
-                              steps: int, target_mm: float | None, report_progress, cancel, device):
-    """The mutual-inverse steps (:mod:`~.mutual`), then the fold repair of both fields, judged on
-    the fields as written. Sharp fields (best's) fold during the steps and smoothing the folds out
-    raises the error again (11 -> 12: 0.0099 mm in the loop, 0.014 written): with a target, the
-    steps then go on, aiming lower by what the repair added, for at most :data:`MUTUAL_ROUNDS`
-    rounds and ``steps`` steps in all. Returns ``(forward, backward, forward repair, backward
-    repair, report)``; the repairs' counts are summed over the rounds."""
-    import dataclasses
-
-    from .mutual import make_mutually_inverse
-    start, aim, done, rounds, first = forward, target_mm, 0, 0, None
-    repairs = []
-    progress = mutual_progress(report_progress, steps, target_mm)
-    while True:
-        rounds += 1
-        forward, backward, stats = make_mutually_inverse(
-            forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask, steps - done,
-            target_mm=aim, report=lambda step, error: progress(done + step, error), cancel=cancel, device=device)
-        first, done = first or stats, done + stats.steps_run
-        forward, forward_repair = repair_folds(forward, fixed_geometry)
-        backward, backward_repair = repair_folds(backward, moving_geometry)
-        repairs.append((forward_repair, backward_repair))
-        loop_error = max(stats.fixed_order_mm, stats.moving_order_mm)
-        written = None
-        if forward_repair.changed or backward_repair.changed:
-            _, _, written = make_mutually_inverse(forward, fixed_geometry, backward, moving_geometry,
-                                                  fixed_mask, moving_mask, 0, device=device)
-        error = loop_error if written is None else max(written.fixed_order_mm, written.moving_order_mm)
-        if target_mm is None or error <= target_mm or done >= steps or rounds == MUTUAL_ROUNDS:
-            break
-        aim = max(aim - (error - loop_error), 0.5 * target_mm)
-    report = dataclasses.replace(stats, steps_run=done, fixed_order_before_mm=first.fixed_order_before_mm,
-                                 moving_order_before_mm=first.moving_order_before_mm, target_mm=target_mm,
-                                 reached_target=target_mm is not None and error <= target_mm).as_report()
-    change = np.linalg.norm((np.asarray(forward) - np.asarray(start))[fixed_mask], axis=-1)
-    report.update({"mutual_forward_change_mm": float(change.mean()) if change.size else 0.0, "mutual_rounds": rounds})
-    if written is not None:
-        report.update({"mutual_fixed_order_after_repair_mm": written.fixed_order_mm,
-                       "mutual_moving_order_after_repair_mm": written.moving_order_mm})
-
-    def summed(side: int):
-        last = repairs[-1][side]
-        return dataclasses.replace(last, folded_before=sum(r[side].folded_before for r in repairs),
-                                   changed=sum(r[side].changed for r in repairs))
-    return forward, backward, summed(0), summed(1), report
-
-
 def mutual_progress_scale(steps: int):
     """The progress fraction of register()'s stages -> the bar's when ``steps`` mutual-inverse
     steps run: they get their share of the time (~steps / (steps + MUTUAL_REST_IN_STEPS)) in
@@ -449,10 +397,12 @@ def register(
     if mutual_steps:
         check_cancel()
         t0 = time.perf_counter()
+        from .mutual import make_written_pair_inverse
+        target = None if mutual_target_mm is None else float(mutual_target_mm)
         try:
-            forward, backward, forward_repair, backward_repair, mutual_report = _mutually_inverse_written(
-                forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask, mutual_steps,
-                None if mutual_target_mm is None else float(mutual_target_mm), report_progress, cancel, device)
+            forward, backward, forward_repair, backward_repair, mutual_report = make_written_pair_inverse(
+                forward, fixed_geometry, backward, moving_geometry, fixed_mask, moving_mask, mutual_steps, target,
+                report=mutual_progress(report_progress, mutual_steps, target), cancel=cancel, device=device)
         except torch.cuda.OutOfMemoryError:
             raise InverseRegError("out of GPU memory during the mutual-inverse steps; rerun with device 'cpu'") from None
         # the written fields changed after the model grid: their folding is judged on the image grids

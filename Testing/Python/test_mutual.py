@@ -150,12 +150,12 @@ def test_the_target_is_judged_on_the_fields_as_written(small_pair, monkeypatch):
     fields did not, and the report says so; without such a change nothing is measured again."""
     import dataclasses
     from inversereg_testlib import small_model
-    from InverseRegLib import mutual, pipeline
+    from InverseRegLib import mutual
     fixed, moving, _, _, _ = small_pair
     model = small_model("default", 5e4)
     clean = register(fixed, moving, model, "cpu", None, mutual_steps=200, mutual_target_mm=0.05).report
     assert clean["mutual_reached_target"] and "mutual_fixed_order_after_repair_mm" not in clean
-    real_repair, real_steps, after_steps = pipeline.repair_folds, mutual.make_mutually_inverse, []
+    real_repair, real_steps, after_steps = mutual.repair_folds, mutual.make_mutually_inverse, []
 
     def steps(*args, **kwargs):
         out = real_steps(*args, **kwargs)
@@ -171,13 +171,13 @@ def test_the_target_is_judged_on_the_fields_as_written(small_pair, monkeypatch):
         return out, stats
 
     monkeypatch.setattr(mutual, "make_mutually_inverse", steps)
-    monkeypatch.setattr(pipeline, "repair_folds", repair)
+    monkeypatch.setattr(mutual, "repair_folds", repair)
     broken = register(fixed, moving, model, "cpu", None, mutual_steps=200, mutual_target_mm=0.05).report
     assert max(broken["mutual_fixed_order_mm"], broken["mutual_moving_order_mm"]) <= 0.05
     assert broken["mutual_moving_order_after_repair_mm"] > 0.05 and broken["mutual_reached_target"] is False
     assert broken["ice_moving_mean_mm"] > 0.05  # the report's own measure agrees
     # every round's repair broke it: the rounds ran out, within the steps asked for
-    assert broken["mutual_rounds"] == pipeline.MUTUAL_ROUNDS and broken["mutual_steps_run"] <= 200
+    assert broken["mutual_rounds"] == mutual.ROUNDS and broken["mutual_steps_run"] <= 200
 
 
 def test_steps_resume_after_a_repair_that_lifted_the_error(small_pair, monkeypatch):
@@ -186,10 +186,10 @@ def test_steps_resume_after_a_repair_that_lifted_the_error(small_pair, monkeypat
     target was reached; the report's own ICE of the written fields agrees."""
     import dataclasses
     from inversereg_testlib import small_model
-    from InverseRegLib import mutual, pipeline
+    from InverseRegLib import mutual
     fixed, moving, _, _, _ = small_pair
     model = small_model("default", 5e4)
-    real_repair, real_steps, rounds = pipeline.repair_folds, mutual.make_mutually_inverse, []
+    real_repair, real_steps, rounds = mutual.repair_folds, mutual.make_mutually_inverse, []
 
     def steps(*args, **kwargs):
         out = real_steps(*args, **kwargs)
@@ -207,7 +207,7 @@ def test_steps_resume_after_a_repair_that_lifted_the_error(small_pair, monkeypat
         return out, stats
 
     monkeypatch.setattr(mutual, "make_mutually_inverse", steps)
-    monkeypatch.setattr(pipeline, "repair_folds", repair)
+    monkeypatch.setattr(mutual, "repair_folds", repair)
     report = register(fixed, moving, model, "cpu", None, mutual_steps=400, mutual_target_mm=0.05).report
     assert report["mutual_rounds"] == 2 and report["mutual_reached_target"] is True
     assert report["ice_mean_mm"] <= 0.05 * 1.2 and report["ice_moving_mean_mm"] <= 0.05 * 1.2
