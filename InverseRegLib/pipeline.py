@@ -180,7 +180,7 @@ def run_network(model: LoadedModel, source: np.ndarray, target: np.ndarray, devi
 
 #: the stages' places on the progress bar where the mutual-inverse steps run (see register())
 MUTUAL_SPAN = (0.7, 0.75)
-#: about as long as the rest of a 1 mm brain's registration, in mutual-inverse steps (~0.75 s each)
+#: about as long as the rest of a 1 mm brain's registration, in mutual-inverse steps (~0.6 s each)
 MUTUAL_REST_IN_STEPS = 10
 
 
@@ -258,7 +258,7 @@ def register(
     :data:`~.fullres.DEFAULT_SETTINGS`). Either way the written
     backward field is the inverse of the written forward one (:mod:`InverseRegLib.inverse`).
     ``mutual_steps`` > 0 then adjusts both fields together for that many steps so that each is
-    the other's inverse in both orders (:mod:`InverseRegLib.mutual`; under 1 s each on two CPU
+    the other's inverse in both orders (:mod:`InverseRegLib.mutual`; ~0.6 s each on two CPU
     cores for a 1 mm brain; 0, the default, skips it); ``mutual_target_mm`` stops them as soon as
     both orders' means are at most that (then ``mutual_steps`` is the most that run; the report
     says how many did, and whether the written fields, after any fold repair, are within it;

@@ -79,6 +79,61 @@ def test_a_target_stops_the_steps_at_the_first_that_reaches_it():
         make_mutually_inverse(forward, FIXED, backward, MOVING, *masks, 5, target_mm=0.0)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_hand_written_gradient_is_autograds(threads, monkeypatch):
+    """The steps' gradient (by hand, to skip autograd's zero-filled volumes) equals autograd's
+    through ``F.grid_sample`` of the same loss, on two different grids, with points mapped beyond
+    a grid (border values) and, with two threads, the points cut into two batch entries."""
+    import torch
+    import torch.nn.functional as F
+    from InverseRegLib import mutual
+    monkeypatch.setattr(mutual, "MIN_POINTS_PER_THREAD", 100)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        forward = wavy_forward(FIXED, amplitude=3.0)
+        forward[:, :, :3] += 40.0  # beyond the moving grid
+        backward, _ = invert_field(forward, FIXED, MOVING)
+        cpu = torch.device("cpu")
+        fixed = mutual._Side(forward, FIXED, central_mask(FIXED, 30.0), 2, cpu)
+        moving = mutual._Side(backward, MOVING, central_mask(MOVING, 30.0), 2, cpu)
+        assert fixed._grid(fixed.points)[0].shape[0] == threads
+        e_fixed, e_moving, gradients = mutual._errors_with_gradients(fixed, moving)
+        hand = gradients()
+
+        volumes = [fixed.volume.clone().requires_grad_(True), moving.volume.clone().requires_grad_(True)]
+
+        def sampled(volume, side, points):
+            grid = ((points - side.origin) @ side.k_t - 1.0).view(1, 1, 1, -1, 3)
+            return F.grid_sample(volume[None], grid, align_corners=True, padding_mode="border").view(3, -1).t()
+        f = volumes[0].view(3, -1)[:, fixed.index].t()
+        b = volumes[1].view(3, -1)[:, moving.index].t()
+        r_fixed = f + sampled(volumes[1], moving, fixed.points + f)
+        r_moving = b + sampled(volumes[0], fixed, moving.points + b)
+        torch.testing.assert_close(e_fixed, r_fixed.detach())
+        torch.testing.assert_close(e_moving, r_moving.detach())
+        (r_fixed.pow(2).sum() / len(r_fixed) + r_moving.pow(2).sum() / len(r_moving)).backward()
+        for mine, theirs in zip(hand, volumes):
+            assert float(theirs.grad.abs().max()) > 0
+            torch.testing.assert_close(mine, theirs.grad, rtol=1e-5, atol=1e-6 * float(theirs.grad.abs().max()))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("margin", [0, 1, 2, 3])
+def test_masks_grow_as_a_cube_max_filter_grows_them(margin):
+    """The masks' growth by shifted ORs is max_pool3d's with the (2 margin + 1)³ cube, up to the
+    grid's edges, also on an axis shorter than the cube."""
+    import torch
+    import torch.nn.functional as F
+    from InverseRegLib.mutual import _grown
+    mask = torch.from_numpy(np.random.default_rng(margin).random((9, 2, 13)) > 0.9)
+    expected = F.max_pool3d(mask.float()[None, None], 2 * margin + 1, stride=1, padding=margin)[0, 0] > 0
+    grown = _grown(mask, margin)
+    assert torch.equal(grown, expected) and grown.sum() >= mask.sum()
+    assert not mask.any() or margin == 0 or grown.sum() > mask.sum()
+
+
 def test_no_steps_change_nothing_and_bad_arguments_are_refused():
     forward = wavy_forward(FIXED)
     backward, _ = invert_field(forward, FIXED, MOVING)
