@@ -18,9 +18,10 @@ steps at the default rate, for 0.0059 mean Dice): an option for those who need t
 in both orders, not the default. The rate (0.04 mm) was chosen on choice pairs 03 <-> 04, where
 it needs 0.45x the steps of 0.01 mm for the same Dice at the target (docs/benchmark.md, eighth and
 ninth rounds). ~0.6 s per step on two CPU cores for a 1 mm brain (1.5 M voxels in each mask),
-so about a minute for 0.01 mm (tenth round: the gradient by hand, 1.5x faster than autograd's). Sharp fields (``best``'s) can fold during the steps; register()
-are repaired (:mod:`~.unfold`), which raises the error again there; :func:`make_written_pair_inverse`
-(what register() runs) then runs a second round aiming lower.
+so about a minute for 0.01 mm (tenth round: the gradient written out, 1.46x faster than
+autograd's). Sharp fields (``best``'s) can fold during the steps; register() repairs them
+(:mod:`~.unfold`), which raises the error again there; :func:`make_written_pair_inverse` (what
+register() runs) then runs a second round aiming lower.
 
 The masks: the images' foregrounds, grown by :data:`MASK_MARGIN` voxels so the error is
 lowered a little beyond where it is measured. Points mapped beyond a grid read its border
@@ -129,8 +130,8 @@ class _Side:
 
         By hand rather than by autograd: autograd also builds the gradient of the mask's gather
         as a zero-filled volume and adds the two volumes; here the gather's part is added at the
-        mask's voxels only, which makes an optimisation step ~1.6x faster on two CPU cores (the
-        same numbers: a test compares them with autograd's)."""
+        mask's voxels only: 1.46x faster steps on two CPU cores on 1 mm brains (the same numbers:
+        a test compares them with autograd's)."""
         grid, count = self._grid(points)
         parts, per_part = grid.shape[0], grid.shape[3]
         volume = self.volume.detach()[None].expand(parts, -1, -1, -1, -1)  # a stride-0 view, no copy
