@@ -134,7 +134,7 @@ class _Side:
         a test compares them with autograd's)."""
         grid, count = self._grid(points)
         parts, per_part = grid.shape[0], grid.shape[3]
-        volume = self.volume.detach()[None].expand(parts, -1, -1, -1, -1)  # a stride-0 view, no copy
+        volume = self.volume[None].expand(parts, -1, -1, -1, -1)  # a stride-0 view, no copy
         out = F.grid_sample(volume, grid, align_corners=True, padding_mode="border")  # (parts, 3, 1, 1, per_part)
         values = out.permute(0, 4, 1, 2, 3).reshape(parts * per_part, 3)[:count]
 
@@ -150,7 +150,7 @@ class _Side:
         return values, gradient
 
     def field(self) -> np.ndarray:
-        return self.volume.detach().permute(1, 2, 3, 0).contiguous().cpu().numpy()
+        return self.volume.permute(1, 2, 3, 0).contiguous().cpu().numpy()
 
 
 def _mean_norm(residuals: torch.Tensor) -> float:
