@@ -197,13 +197,20 @@ def _sample_normalized(volume: torch.Tensor, grid: torch.Tensor, geometry: Geome
                          padding_mode="border" if itk else padding_mode)
     values = values[0, :, 0, 0].T
     if itk:
-        # ITK's IsInsideBuffer: continuous index in [-0.5, n - 0.5); normalised index 2i/(n-1) - 1
-        size = torch.as_tensor(geometry.size, dtype=torch.float32, device=volume.device)
-        bound = 1.0 + 1.0 / torch.clamp(size - 1.0, min=1.0)
-        flat = grid.reshape(-1, 3)
-        inside = ((flat >= -bound) & (flat < bound)).all(dim=1)
-        values = values * inside[:, None]
+        values = values * inside_itk_buffer(grid.reshape(-1, 3), geometry.size)[:, None]
     return values
+
+
+def inside_itk_buffer(grid: torch.Tensor, size) -> torch.Tensor:
+    """(N,) bool: which of the (N, 3) normalised grid_sample coordinates (align_corners=True) of
+    a grid of ``size`` (x, y, z voxels) ITK reads the grid at. That is its ``IsInsideBuffer``:
+    a continuous index in [-0.5, n - 0.5) on every axis, the outer half voxel taking the edge
+    value. Beyond it ITK's resampling gives 0 and a ``DisplacementFieldTransform`` moves the point
+    by nothing, which is how SimpleITK, ANTs and Slicer's ITK readers compose the written fields."""
+    # normalised index 2i/(n-1) - 1
+    size = torch.as_tensor(size, dtype=grid.dtype, device=grid.device)
+    bound = 1.0 + 1.0 / torch.clamp(size - 1.0, min=1.0)
+    return ((grid >= -bound) & (grid < bound)).all(dim=1)
 
 
 def field_to_image(displacement: np.ndarray, geometry: Geometry, float64: bool = True) -> sitk.Image:

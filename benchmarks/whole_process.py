@@ -13,7 +13,10 @@ writing both directions), with its own peak resident memory (``wait4``'s ``ru_ma
   both warps (``outprefix`` in the output folder: ``0GenericAffine.mat``, ``1Warp.nii.gz``,
   ``1InverseWarp.nii.gz``);
 * ``greedy`` (``--greedy``): ``picsl-greedy`` with its brain settings (docs/peers.md), both fields;
-* ``best`` (``--best``): ours with ``--quality best``.
+* ``best`` (``--best``): ours with ``--quality best``;
+* ``ours+mi`` and ``best+mi`` (``--mutual``; the second with ``--best``): the same with
+  ``--mutual-target 0.01``, the inverse-consistency option (both fields adjusted until each is the
+  other's inverse within 0.01 mm in both orders).
 
 Methods alternate within each run (ours, before, ants, greedy, then the next pair), so slow
 phases of a shared machine hit all of them alike. Per pair it prints the median seconds of each
@@ -65,6 +68,10 @@ fixed, moving, out = sys.argv[1:4]
 Greedy3D().execute(f"-d 3 -i {fixed} {moving} -o {out}/fwd.nii.gz -oinv {out}/bwd.nii.gz "
                    "-n 100x50x10 -m NCC 2x2x2 -s 1.5vox 0.5vox -threads 2")
 """
+
+#: our commands: the options each method adds to ``register``
+OURS_OPTIONS = {"ours": [], "before": [], "best": ["--quality", "best"],
+                "ours+mi": ["--mutual-target", "0.01"], "best+mi": ["--quality", "best", "--mutual-target", "0.01"]}
 
 
 def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float, float]:
@@ -159,7 +166,8 @@ def judge_ours(out: Path, fixed, moving, fixed_seg, moving_seg, labels, paths=No
             "folding_forward": folding_percent(out / "forward.nii.gz"),
             "folding_backward": folding_percent(out / "backward.nii.gz"),
             "ice_mean": ice[0], "ice_p95": ice[1], "ice_moving_mean": ice_moving[0], "ice_moving_p95": ice_moving[1],
-            "stages": {k[len("seconds_"):]: v for k, v in report.items() if k.startswith("seconds_")}}
+            "stages": {k[len("seconds_"):]: v for k, v in report.items() if k.startswith("seconds_")},
+            "mutual": {k: v for k, v in report.items() if k.startswith("mutual_") and isinstance(v, (int, float))}}
 
 
 def judge_ants(prefix: str, fixed, moving, fixed_seg, moving_seg, labels, paths) -> dict:
@@ -223,6 +231,8 @@ def main() -> int:
     parser.add_argument("--no-ants", action="store_true")
     parser.add_argument("--greedy", action="store_true")
     parser.add_argument("--best", action="store_true", help="also time ours with --quality best ('best')")
+    parser.add_argument("--mutual", action="store_true",
+                        help="also time ours (and best, with --best) with --mutual-target 0.01 ('ours+mi', 'best+mi')")
     parser.add_argument("--large", action="store_true", help="add the 400x400x300 0.6 mm case")
     parser.add_argument("--json", type=Path, help="write all figures here")
     args = parser.parse_args()
@@ -230,7 +240,8 @@ def main() -> int:
     data = Path(args.data)
     pairs = [tuple(p.split(":")) for p in args.pairs.split(",")]
     labels = _labels()
-    methods = ["ours"] + (["best"] if args.best else []) + (["before"] if args.baseline else []) + \
+    methods = ["ours"] + (["best"] if args.best else []) + (["ours+mi"] if args.mutual else []) + \
+              (["best+mi"] if args.mutual and args.best else []) + (["before"] if args.baseline else []) + \
               ([] if args.no_ants else ["ants"]) + (["greedy"] if args.greedy else [])
     times = {(m, p): [] for m in methods for p in pairs}
     cpu = {(m, p): [] for m in methods for p in pairs}
@@ -244,9 +255,9 @@ def main() -> int:
                 for method in methods:
                     out = work / f"{method}_{pair[0]}_{pair[1]}_{run}"
                     out.mkdir()
-                    if method in ("ours", "before", "best"):
+                    if method in OURS_OPTIONS:
                         command, env = ours_command(args.baseline if method == "before" else REPO, fixed_path,
-                                                    moving_path, out, *(["--quality", "best"] if method == "best" else []))
+                                                    moving_path, out, *OURS_OPTIONS[method])
                     elif method == "ants":
                         command, env = [sys.executable, "-c", ANTS_SCRIPT, str(fixed_path), str(moving_path),
                                         str(out) + "/"], None
@@ -264,12 +275,11 @@ def main() -> int:
                         fixed, moving = sitk.ReadImage(str(fixed_path)), sitk.ReadImage(str(moving_path))
                         seg_paths = data / f"seg_{pair[0]}.nii.gz", data / f"seg_{pair[1]}.nii.gz"
                         fixed_seg, moving_seg = (sitk.ReadImage(str(p)) for p in seg_paths)
-                        judge = {"ours": judge_ours, "before": judge_ours, "best": judge_ours, "ants": judge_ants,
-                                 "greedy": judge_greedy}[method]
+                        judge = judge_ours if method in OURS_OPTIONS else {"ants": judge_ants, "greedy": judge_greedy}[method]
                         target = str(out) + "/" if method == "ants" else out
                         accuracy[(method, pair)] = judge(target, fixed, moving, fixed_seg, moving_seg, labels,
                                                          (fixed_path, moving_path, *seg_paths))
-                    if run > 0 or method not in ("ours", "before", "best"):
+                    if run > 0 or method not in OURS_OPTIONS:
                         shutil.rmtree(out, ignore_errors=True)
 
         print("\nwhole process, fresh python each, median over runs (s); ratio = method / ours; machine shared")
@@ -301,6 +311,10 @@ def main() -> int:
                 if stages:
                     print(f"stages {method} {pair[0]}:{pair[1]} (first run, report.json): "
                           + ", ".join(f"{k} {v:.2f}" for k, v in sorted(stages.items()) if isinstance(v, (int, float))))
+                mutual = accuracy.get((method, pair), {}).get("mutual")
+                if mutual and mutual.get("mutual_steps_run"):
+                    print(f"mutual {method} {pair[0]}:{pair[1]} (first run, report.json): "
+                          + ", ".join(f"{k[len('mutual_'):]} {v:g}" for k, v in sorted(mutual.items())))
 
         if args.large:
             a, b = pairs[0]

@@ -300,22 +300,53 @@ def constant(vector, geometry: Geometry) -> np.ndarray:
     return np.broadcast_to(np.asarray(vector, dtype=np.float64), (*geometry.array_shape, 3))
 
 
+def landing_inside(forward: np.ndarray) -> np.ndarray:
+    """Fixed voxels whose image through ``forward`` lies where ITK reads the moving grid."""
+    index = MOVING.physical_to_index(FIXED.physical_points() + forward)
+    return np.all((index >= -0.5) & (index < np.asarray(MOVING.size) - 0.5), axis=-1)
+
+
+def composed_by_sitk(forward: sitk.Image, backward: sitk.Image) -> np.ndarray:
+    """|backward(forward(x)) - x| at every voxel of the forward grid, composed by SimpleITK."""
+    composite = sitk.CompositeTransform([sitk.DisplacementFieldTransform(sitk.Image(image)) for image in (backward, forward)])
+    field = sitk.TransformToDisplacementField(composite, sitk.sitkVectorFloat64, forward.GetSize(), forward.GetOrigin(),
+                                              forward.GetSpacing(), forward.GetDirection())
+    return np.linalg.norm(sitk.GetArrayFromImage(field), axis=-1)
+
+
 def test_ice_of_an_exact_inverse_pair_on_two_grids_is_zero():
     forward = field_image(constant(TRANSLATION, FIXED), FIXED)
     backward = field_image(constant(-TRANSLATION, MOVING), MOVING)
-    mean, p95 = inverse_consistency_error(forward, backward)
+    inside = landing_inside(constant(TRANSLATION, FIXED))
+    assert 0.3 < inside.mean() < 1.0
+    mean, p95 = inverse_consistency_error(forward, backward, inside)
     assert mean < 1e-4 and p95 < 1e-4
 
 
 def test_ice_of_a_mismatched_pair_is_the_known_residual():
     forward = field_image(constant(TRANSLATION, FIXED), FIXED)
+    inside = landing_inside(constant(TRANSLATION, FIXED))
     error = np.array([0.6, -0.8, 0.0])  # |error| = 1 mm
     backward = field_image(constant(-TRANSLATION + error, MOVING), MOVING)
-    mean, p95 = inverse_consistency_error(forward, backward)
+    mean, p95 = inverse_consistency_error(forward, backward, inside)
     assert mean == pytest.approx(1.0, abs=1e-4) and p95 == pytest.approx(1.0, abs=1e-4)
     backward_none = field_image(constant([0.0, 0.0, 0.0], MOVING), MOVING)
-    mean, _ = inverse_consistency_error(forward, backward_none)
+    mean, _ = inverse_consistency_error(forward, backward_none, inside)
     assert mean == pytest.approx(np.linalg.norm(TRANSLATION), abs=1e-4)
+
+
+def test_ice_counts_points_sent_beyond_the_other_grid_as_itk_composes_them():
+    """Over the whole fixed grid, part of it sent beyond the moving grid: ITK moves those points
+    back by nothing (the error there is the whole translation), and the measure is SimpleITK's."""
+    forward = field_image(constant(TRANSLATION, FIXED), FIXED)
+    error = np.array([0.6, -0.8, 0.0])
+    backward = field_image(constant(-TRANSLATION + error, MOVING), MOVING)
+    inside = landing_inside(constant(TRANSLATION, FIXED))
+    by_sitk = composed_by_sitk(forward, backward)
+    np.testing.assert_allclose(by_sitk[~inside], np.linalg.norm(TRANSLATION), rtol=1e-6)
+    mean, p95 = inverse_consistency_error(forward, backward)
+    assert mean == pytest.approx(by_sitk.mean(), rel=1e-4) and p95 == pytest.approx(np.percentile(by_sitk, 95), rel=1e-4)
+    assert mean > 1.5  # edge values would have given 1 mm everywhere
 
 
 def test_ice_of_a_rotation_and_its_inverse_within_the_mask():

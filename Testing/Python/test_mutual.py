@@ -83,7 +83,8 @@ def test_a_target_stops_the_steps_at_the_first_that_reaches_it():
 def test_the_hand_written_gradient_is_autograds(threads, monkeypatch):
     """The steps' gradient (by hand, to skip autograd's zero-filled volumes) equals autograd's
     through ``F.grid_sample`` of the same loss, on two different grids, with points mapped beyond
-    a grid (border values) and, with two threads, the points cut into two batch entries."""
+    a grid (no displacement there, as ITK reads a field; the edge values within half a voxel of
+    its outer centres) and, with two threads, the points cut into two batch entries."""
     import torch
     import torch.nn.functional as F
     from InverseRegLib import mutual
@@ -103,13 +104,18 @@ def test_the_hand_written_gradient_is_autograds(threads, monkeypatch):
 
         volumes = [fixed.volume.clone().requires_grad_(True), moving.volume.clone().requires_grad_(True)]
 
-        def sampled(volume, side, points):
+        def sampled(volume, side, points, geometry):
             grid = ((points - side.origin) @ side.k_t - 1.0).view(1, 1, 1, -1, 3)
-            return F.grid_sample(volume[None], grid, align_corners=True, padding_mode="border").view(3, -1).t()
+            index = geometry.physical_to_index(points.detach().double().numpy())
+            inside = np.all((index >= -0.5) & (index < np.asarray(geometry.size) - 0.5), axis=-1)
+            values = F.grid_sample(volume[None], grid, align_corners=True, padding_mode="border").view(3, -1).t()
+            return values * torch.from_numpy(inside)[:, None], inside
         f = volumes[0].view(3, -1)[:, fixed.index].t()
         b = volumes[1].view(3, -1)[:, moving.index].t()
-        r_fixed = f + sampled(volumes[1], moving, fixed.points + f)
-        r_moving = b + sampled(volumes[0], fixed, moving.points + b)
+        in_moving, inside_moving = sampled(volumes[1], moving, fixed.points + f, MOVING)
+        in_fixed, _ = sampled(volumes[0], fixed, moving.points + b, FIXED)
+        r_fixed, r_moving = f + in_moving, b + in_fixed
+        assert (~inside_moving).sum() >= 10 and inside_moving.mean() > 0.5  # a few points read nothing
         torch.testing.assert_close(e_fixed, r_fixed.detach())
         torch.testing.assert_close(e_moving, r_moving.detach())
         (r_fixed.pow(2).sum() / len(r_fixed) + r_moving.pow(2).sum() / len(r_moving)).backward()
@@ -118,6 +124,31 @@ def test_the_hand_written_gradient_is_autograds(threads, monkeypatch):
             torch.testing.assert_close(mine, theirs.grad, rtol=1e-5, atol=1e-6 * float(theirs.grad.abs().max()))
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_error_is_judged_as_simpleitk_composes_the_written_fields():
+    """Where the forward field sends points beyond the moving grid, ITK moves them back by nothing:
+    the steps' measure (``both_orders``, what the target is judged on) and the report's
+    (``quality.inverse_consistency``) give SimpleITK's means of the written fields in both orders.
+    Read with the edge values instead, the fixed order would be far lower than SimpleITK's."""
+    from InverseRegLib import mutual
+    from InverseRegLib.quality import inverse_consistency
+    forward = wavy_forward(FIXED, amplitude=2.0) + np.array([25.0, 0.0, 0.0])  # a part sent beyond the moving grid
+    backward, _ = invert_field(forward, FIXED, MOVING)
+    masks = central_mask(FIXED, 30.0), central_mask(MOVING, 30.0)
+    index = MOVING.physical_to_index(FIXED.physical_points() + forward)[masks[0]]
+    beyond = ~np.all((index >= -0.5) & (index < np.asarray(MOVING.size) - 0.5), axis=-1)
+    assert 0.02 < beyond.mean() < 0.5
+    forward_image = field_to_image(forward, FIXED)
+    backward_image = field_to_image(np.asarray(backward, dtype=np.float64), MOVING)
+    itk_fixed = composed_error(forward_image, backward_image)[masks[0]].mean()
+    itk_moving = composed_error(backward_image, forward_image)[masks[1]].mean()
+    steps_measure = mutual.both_orders(forward, FIXED, backward, MOVING, *masks)
+    np.testing.assert_allclose(steps_measure, (itk_fixed, itk_moving), rtol=2e-3, atol=1e-4)
+    report_fixed = inverse_consistency(forward, FIXED, backward, MOVING, masks[0], stride=1)[0]
+    report_moving = inverse_consistency(backward, MOVING, forward, FIXED, masks[1], stride=1)[0]
+    np.testing.assert_allclose((report_fixed, report_moving), (itk_fixed, itk_moving), rtol=2e-3, atol=1e-4)
+    assert itk_fixed > 0.5  # the points sent beyond come back by nothing: ~25 mm each
 
 
 @pytest.mark.parametrize("margin", [0, 1, 2, 3])
