@@ -205,6 +205,11 @@ def test_register_option_reports_and_lowers_the_fixed_order(small_pair):
     assert mutual["ice_mean_mm"] < 0.7 * plain["ice_mean_mm"]
     assert mutual["ice_moving_mean_mm"] < plain["ice_mean_mm"]
     assert mutual["mutual_fixed_order_mm"] < mutual["mutual_fixed_order_before_mm"]
+    # after the steps the report's ICE counts every voxel, as the steps judge themselves
+    assert plain["ice_sampled_every"] == 2 and mutual["ice_sampled_every"] == 1
+    written = (mutual.get("mutual_fixed_order_after_repair_mm", mutual["mutual_fixed_order_mm"]),
+               mutual.get("mutual_moving_order_after_repair_mm", mutual["mutual_moving_order_mm"]))
+    np.testing.assert_allclose((mutual["ice_mean_mm"], mutual["ice_moving_mean_mm"]), written, rtol=1e-3)
     assert mutual["folding_measured_on"] == "image grids" and mutual["folding_percent_forward"] == 0
     # the bar gives the steps their share of the time (they are most of it), in order, to 1
     fractions = [f for f, _ in heard]
