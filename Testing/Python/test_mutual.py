@@ -116,12 +116,14 @@ def test_the_hand_written_gradient_is_autograds(threads, monkeypatch):
         in_fixed, _ = sampled(volumes[0], fixed, moving.points + b, FIXED)
         r_fixed, r_moving = f + in_moving, b + in_fixed
         assert (~inside_moving).sum() >= 10 and inside_moving.mean() > 0.5  # a few points read nothing
-        torch.testing.assert_close(e_fixed, r_fixed.detach())
-        torch.testing.assert_close(e_moving, r_moving.detach())
+        # each thread's points sample only the part of the volume they reach, in that part's
+        # coordinates: float32 rounds them differently from the whole grid's (~1e-5 mm here)
+        torch.testing.assert_close(e_fixed, r_fixed.detach(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(e_moving, r_moving.detach(), rtol=1e-5, atol=1e-4)
         (r_fixed.pow(2).sum() / len(r_fixed) + r_moving.pow(2).sum() / len(r_moving)).backward()
         for mine, theirs in zip(hand, volumes):
             assert float(theirs.grad.abs().max()) > 0
-            torch.testing.assert_close(mine, theirs.grad, rtol=1e-5, atol=1e-6 * float(theirs.grad.abs().max()))
+            torch.testing.assert_close(mine, theirs.grad, rtol=1e-5, atol=1e-5 * float(theirs.grad.abs().max()))
     finally:
         torch.set_num_threads(previous)
 
