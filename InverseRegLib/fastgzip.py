@@ -33,6 +33,11 @@ COMPRESSIONS = {
 DEFAULT_COMPRESSION = "none"
 #: input bytes per gzip member when compressing in parallel
 BLOCK = 8 << 20
+#: input bytes handed to zlib at a time by the one-member stream: zlib returns each call's output
+#: as a new buffer, and one of a whole 32 MB slab is fresh memory the kernel pages in 4 kB at a
+#: time (a 1 mm brain's field, stored: 46 k page faults and 0.21-0.52 s to write; in 1 MB pieces,
+#: none and ~0.1 s)
+PIECE = 1 << 20
 
 
 def compression_settings(compression: str) -> tuple[int, int]:
@@ -68,10 +73,11 @@ class GzipWriter:
         self._stream = None if parallel else zlib.compressobj(self._level, zlib.DEFLATED, 31, 8, self._strategy)
 
     def write(self, data) -> None:
-        if self._stream is not None:
-            self._handle.write(self._stream.compress(data))
-            return
         view = memoryview(data).cast("B")
+        if self._stream is not None:
+            for start in range(0, len(view), PIECE):
+                self._handle.write(self._stream.compress(view[start:start + PIECE]))
+            return
         while len(view):
             take = min(len(view), self._block - len(self._buffer))
             self._buffer += view[:take]

@@ -87,10 +87,13 @@ def write_field(field: np.ndarray, geometry: Geometry, path, compression: str = 
             gz = path.name.endswith(".gz")
             sink = GzipWriter(handle, compression, threads or max(2, default_threads()), block) if gz else handle
             sink.write(header)
-            # NIfTI's vector layout: all x components (z, y, x order), then all y, then all z
+            # NIfTI's vector layout: all x components (z, y, x order), then all y, then all z;
+            # one slab buffer for all (a fresh one each time is paged in by the kernel again)
+            buffer = np.empty((min(rows, nz), ny, nx), dtype="<f8")
             for component, sign in enumerate(_RAS_SIGN):
                 for z0 in range(0, nz, rows):
-                    slab = np.multiply(field[z0:z0 + rows, :, :, component], sign, dtype="<f8")
+                    slab = buffer[:min(rows, nz - z0)]
+                    np.multiply(field[z0:z0 + rows, :, :, component], sign, out=slab, dtype="<f8")
                     sink.write(slab.data)
             if gz:
                 sink.close()
