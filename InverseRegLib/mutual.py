@@ -183,7 +183,7 @@ class _Side:
 
         def gradient(upstream: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             upstream = upstream * inside  # beyond the buffer the value is 0 whatever the field or the point
-            runs = [(a, min(count, a + per_part)) for a in range(0, count, per_part)] or [(0, 0)]
+            runs = [(a, min(count, a + per_part)) for a in range(0, count, max(per_part, 1))] or [(0, 0)]
 
             def backward(run):
                 a, b = run

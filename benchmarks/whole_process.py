@@ -2,7 +2,8 @@
 
 Every timed command is a new ``python`` process started from this script, timed from before
 ``fork`` to after ``wait`` (so it includes the interpreter, the imports, reading, registration and
-writing both directions), with its own peak resident memory (``wait4``'s ``ru_maxrss``):
+writing both directions), with its own peak resident memory and CPU time (``wait4``'s, taken by a
+small launcher between this script and the command: see :data:`_LAUNCHER`):
 
 * ``ours``: ``python -m InverseRegLib register FIXED MOVING -o OUT`` with the default settings
   (affine on) from this checkout;
@@ -74,17 +75,36 @@ OURS_OPTIONS = {"ours": [], "before": [], "best": ["--quality", "best"],
                 "ours+mi": ["--mutual-target", "0.01"], "best+mi": ["--quality", "best", "--mutual-target", "0.01"]}
 
 
+#: run between this script and each timed command: Linux puts the RSS of the process that execs
+#: into the child's ``ru_maxrss`` (exec records the old address space's high-water mark), so a
+#: command forked from this script, which holds the images and the judges' arrays (1 GB and
+#: more), would report at least this script's size: ``true`` reported 1035 MiB from a 1 GB
+#: parent, and every method 1242-1250 MiB in the runs before this launcher. Started without
+#: ``site`` (~10 MB), it forks the command, waits for it and writes the command's own usage.
+_LAUNCHER = """import json, os, subprocess, sys
+process = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(process.pid, 0)
+with open(sys.argv[1], "w") as report:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss,
+               "cpu_seconds": usage.ru_utime + usage.ru_stime}, report)
+"""
+
+
 def run_timed(command: list[str], env: dict | None = None) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS in MiB, CPU seconds user + system) of one fresh process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    stderr = process.stderr.read().decode("utf-8", "replace")
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise RuntimeError(f"{command[:4]}... failed ({process.returncode}): {stderr[-500:]}")
-    return seconds, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
+    """(wall seconds, peak RSS in MiB, CPU seconds user + system) of one fresh process, the
+    command's own (through :data:`_LAUNCHER`; the wall time includes its ~20 ms start)."""
+    with tempfile.TemporaryDirectory() as folder:
+        usage_path = os.path.join(folder, "usage.json")
+        started = time.perf_counter()
+        process = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, usage_path, *command],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        stderr = process.stderr.read().decode("utf-8", "replace")
+        process.wait()
+        seconds = time.perf_counter() - started
+        usage = json.loads(Path(usage_path).read_text()) if process.returncode == 0 else {"code": process.returncode}
+    if usage["code"] != 0:
+        raise RuntimeError(f"{command[:4]}... failed ({usage['code']}): {stderr[-500:]}")
+    return seconds, usage["maxrss_kb"] / 1024.0, usage["cpu_seconds"]
 
 
 def ours_command(source: Path, fixed: Path, moving: Path, out: Path, *options: str) -> tuple[list[str], dict]:

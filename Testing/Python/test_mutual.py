@@ -318,3 +318,16 @@ def test_the_steps_on_a_gpu_give_the_cpus_fields():
     np.testing.assert_allclose(gpu[0], cpu[0], atol=2e-3)
     np.testing.assert_allclose(gpu[1], cpu[1], atol=2e-3)
     assert gpu[2].fixed_order_mm == pytest.approx(cpu[2].fixed_order_mm, rel=0.05)
+
+
+def test_an_empty_mask_runs_and_counts_nothing():
+    """A mask without voxels (an image with no foreground on one side) leaves that order's error
+    at 0 and the steps still run: each thread's block of the volume is then the whole grid."""
+    forward = wavy_forward(FIXED)
+    backward, _ = invert_field(forward, FIXED, MOVING)
+    empty = np.zeros(MOVING.array_shape, dtype=bool)
+    _, _, stats = make_mutually_inverse(forward, FIXED, backward, MOVING, central_mask(FIXED, 20.0), empty, 3)
+    assert stats.steps_run == 3 and stats.moving_order_mm == 0.0 and stats.fixed_order_mm > 0
+    _, _, stats = make_mutually_inverse(forward, FIXED, backward, MOVING, np.zeros(FIXED.array_shape, dtype=bool),
+                                        empty, 2)
+    assert stats.steps_run == 2 and stats.fixed_order_mm == 0.0 == stats.moving_order_mm
