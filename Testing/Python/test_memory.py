@@ -13,6 +13,22 @@ def test_peak_rss_sees_a_large_allocation():
     del block
 
 
+def test_the_peak_is_this_process_own_not_the_one_it_was_started_from():
+    """A process started by a large one reports its own peak: Linux's ``ru_maxrss`` would carry
+    the parent's size across fork and exec (report.json's figure for the Slicer module's worker,
+    which Slicer starts)."""
+    import subprocess
+    import sys
+    import pytest
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the inherited figure is Linux's")
+    code = ("import subprocess, sys; block = b'\\x01' * (600 * 2**20)\n"
+            "print(subprocess.run([sys.executable, '-c', 'from InverseRegLib.memory import peak_rss_mb; "
+            "print(peak_rss_mb())'], capture_output=True, text=True, check=True).stdout)")
+    child = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 5 < child < 300, child
+
+
 def _huge_pages_offered() -> bool:
     try:
         setting = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
