@@ -150,9 +150,10 @@ class _Side:
         short = (hi <= lo) & (upper > 0)
         hi = torch.where(short & (hi < upper), hi + 1.0, hi)
         lo = torch.where(short & (hi <= lo), lo - 1.0, lo)
-        factor = self.to_index_scale * 2.0 / (hi - lo).clamp(min=1.0)
+        per_index = 2.0 / (hi - lo).clamp(min=1.0)  # block coordinate per voxel index
+        factor = self.to_index_scale * per_index
         # block coordinate = (index - lo) 2 / (m - 1) - 1, index = (grid + 1) (n - 1) / 2
-        block = torch.addcmul(factor - 1.0 - lo * (2.0 / (hi - lo).clamp(min=1.0)), grid, factor)
+        block = torch.addcmul(factor - 1.0 - lo * per_index, grid, factor)
         lo_i, hi_i = lo.long().tolist(), hi.long().tolist()
         slices = tuple(slice(lo_i[a], hi_i[a] + 1) for a in (2, 1, 0))
         return slices, block.view(1, 1, 1, -1, 3), factor
