@@ -190,9 +190,65 @@ def judge_ours(out: Path, fixed, moving, fixed_seg, moving_seg, labels, paths=No
             "mutual": {k: v for k, v in report.items() if k.startswith("mutual_") and isinstance(v, (int, float))}}
 
 
+def _points(size, origin, spacing, direction) -> np.ndarray:
+    """Physical points (z, y, x, 3) of the voxel centres of a grid."""
+    matrix = np.asarray(direction, dtype=np.float64).reshape(3, 3) @ np.diag(spacing)
+    k, j, i = np.indices(tuple(reversed(size)), dtype=np.float64)
+    return (i[..., None] * matrix[:, 0] + j[..., None] * matrix[:, 1] + k[..., None] * matrix[:, 2]
+            + np.asarray(origin, dtype=np.float64))
+
+
+def composition_error(transforms: list[sitk.Transform], reference: sitk.Image) -> tuple[float, float]:
+    """Mean and 95th percentile of |T(x) - x| (mm) over the foreground of ``reference``, where T is
+    ``transforms`` composed as ``sitk.CompositeTransform`` composes a list (the last one acts
+    first), each evaluated as ITK evaluates it: a displacement
+    field trilinearly within its buffer and not at all beyond it, a matrix exactly.
+
+    T(x) is read off an image of physical coordinates resampled through the composition (trilinear
+    interpolation reproduces a linear function exactly), on ``reference``'s grid grown by 16 voxels
+    a side, so that points sent a little beyond the grid are read too."""
+    from InverseRegLib.pipeline import foreground_mask
+    pad = 16
+    size = [n + 2 * pad for n in reference.GetSize()]
+    origin = reference.TransformIndexToPhysicalPoint([-pad] * 3)
+    coordinates = sitk.GetImageFromArray(_points(size, origin, reference.GetSpacing(), reference.GetDirection()),
+                                         isVector=True)
+    coordinates.SetOrigin(origin)
+    coordinates.SetSpacing(reference.GetSpacing())
+    coordinates.SetDirection(reference.GetDirection())
+    moved = sitk.Resample(coordinates, reference, sitk.CompositeTransform(transforms), sitk.sitkLinear,
+                          float("nan"), sitk.sitkVectorFloat64)
+    here = _points(reference.GetSize(), reference.GetOrigin(), reference.GetSpacing(), reference.GetDirection())
+    error = np.linalg.norm(sitk.GetArrayViewFromImage(moved) - here, axis=-1)
+    values = error[foreground_mask(sitk.Cast(reference, sitk.sitkFloat32))]
+    if not np.isfinite(values).all():
+        raise RuntimeError("a composed point left the coordinate image; grow its padding")
+    return float(values.mean()), float(np.percentile(values, 95))
+
+
+def ants_inverse_consistency(prefix: str, fixed: sitk.Image, moving: sitk.Image) -> dict:
+    """ANTs SyN's inverse consistency in both orders, from its written files, composed as
+    ``ants.apply_transforms`` applies its ``fwdtransforms`` ([warp, affine]: a fixed point goes
+    through the warp, then the affine) and ``invtransforms`` ([affine inverted, inverse warp]):
+    fixed order |inv(fwd(x)) - x| over the fixed foreground, moving order |fwd(inv(y)) - y| over
+    the moving one. (In ITK's list, where the last acts first, those are [affine, warp] and
+    [inverse warp, affine inverted]: label maps resampled through them match
+    ``ants.apply_transforms``'s voxel for voxel on 11 -> 12.)"""
+    affine = sitk.ReadTransform(f"{prefix}0GenericAffine.mat")
+    warp, inverse_warp = (sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(f"{prefix}{name}"),
+                                                                    sitk.sitkVectorFloat64))
+                          for name in ("1Warp.nii.gz", "1InverseWarp.nii.gz"))
+    forward = [affine, warp]
+    backward = [inverse_warp, affine.GetInverse()]
+    fixed_order = composition_error(backward + forward, fixed)
+    moving_order = composition_error(forward + backward, moving)
+    return {"ice_mean": fixed_order[0], "ice_p95": fixed_order[1],
+            "ice_moving_mean": moving_order[0], "ice_moving_p95": moving_order[1]}
+
+
 def judge_ants(prefix: str, fixed, moving, fixed_seg, moving_seg, labels, paths) -> dict:
     """Dice both ways through ANTs's own transforms (``fwdtransforms`` / ``invtransforms`` order),
-    folding of its two warp fields."""
+    folding of its two warp fields, inverse consistency in both orders (:func:`ants_inverse_consistency`)."""
     import ants
     f, m, fseg, mseg = (ants.image_read(str(p)) for p in paths)
     fwd = [f"{prefix}1Warp.nii.gz", f"{prefix}0GenericAffine.mat"]
@@ -200,7 +256,8 @@ def judge_ants(prefix: str, fixed, moving, fixed_seg, moving_seg, labels, paths)
     warped_m = ants.apply_transforms(f, mseg, fwd, interpolator="nearestNeighbor").numpy()
     warped_f = ants.apply_transforms(m, fseg, inv, interpolator="nearestNeighbor", whichtoinvert=[True, False]).numpy()
     return {"dice_forward": dice(warped_m, fseg.numpy(), labels), "dice_backward": dice(warped_f, mseg.numpy(), labels),
-            "folding_forward": folding_percent(Path(fwd[0])), "folding_backward": folding_percent(Path(inv[1]))}
+            "folding_forward": folding_percent(Path(fwd[0])), "folding_backward": folding_percent(Path(inv[1])),
+            **ants_inverse_consistency(prefix, fixed, moving)}
 
 
 def judge_greedy(out: Path, fixed, moving, fixed_seg, moving_seg, labels, paths=None) -> dict:
