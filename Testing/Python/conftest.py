@@ -1,4 +1,4 @@
-"""Shared pytest setup: one CPU thread, no GPU, small shared fixtures.
+"""Shared pytest setup: one CPU thread, no GPU (unless ``INVERSEREG_TEST_CUDA=1``), small shared fixtures.
 
 The suite runs on CPU only (the CI machine has 2 cores and no GPU). Tests that need a *trained*
 network use the bundled ``Resources/InverseReg-default.pt``; set ``INVERSEREG_TEST_MODEL`` to a
@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 
-# before torch is imported anywhere: one thread, and the GPU hidden so "auto" means CPU
+# before torch is imported anywhere: one thread, and the GPU hidden so "auto" means CPU, unless
+# INVERSEREG_TEST_CUDA=1 asks for it (benchmarks/gpu_check.sh on a machine with a GPU): then the
+# tests that need CUDA run, and "auto" may mean the GPU
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+if os.environ.get("INVERSEREG_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
